@@ -1,0 +1,1 @@
+"""Where spectra come from: the canonical detection schema, pipeline products, the two archives."""

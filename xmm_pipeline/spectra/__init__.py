@@ -1,0 +1,1 @@
+"""From pipeline products to the training set: responses, binning, unfolding, Parquet."""
