@@ -1,0 +1,230 @@
+"""The VAE: an MLP encoder of the unfolded spectrum and a DeepONet decoder of the photon flux shape.
+
+    x (unfolded, [N, B]) --asinh scaling--> encoder MLP --> (mu, logvar) of q(z | x), z in R^latent_dim
+    z --branch MLP--> coefficients b_k(z), k = 1..p
+    log E (the grid) --trunk MLP--> templates t_k(E) and a bias template t_0(E), once per forward pass
+    log f(E) = sum_k b_k(z) t_k(E) + t_0(E);  f = exp(log f), normalised to unit mean over the grid
+
+f is a photon flux density shape (photons / cm^2 / s / keV, arbitrary scale). The loss folds it through
+each spectrum's compressed response and fixes the scale to the Poisson maximum-likelihood value given
+the observed counts, so the latent codes shape, not brightness:
+
+    mu_k = A * sum_j R[k, j] * area_exposure_j * width_j * f_j + background_k
+    loss = mean over spectra of [ sum_k (mu_k - n_k log mu_k) + beta * KL(q(z | x) || N(0, 1)) ]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    n_bins: int = 238
+    latent_dim: int = 2
+    encoder_widths: tuple[int, ...] = (512, 256, 128)
+    branch_widths: tuple[int, ...] = (256, 256)
+    trunk_widths: tuple[int, ...] = (128, 128, 128)
+    n_basis: int = 228  # p, the number of DeepONet templates
+    beta: float = 1.0  # weight of the KL term
+    e_min_kev: float = 0.3  # energy range the trunk's log-energy input is scaled over
+    e_max_kev: float = 10.0
+    input_softening: float = 0.01  # asinh softening of the mean-normalised unfolded spectrum
+    decoder: str = "deeponet"  # "deeponet" | "mlp" | "pca_trunk" (the last two are baselines)
+    norm_iterations: int = 20  # EM iterations for the ML normalisation with background
+
+    def __post_init__(self) -> None:
+        if self.decoder not in ("deeponet", "mlp", "pca_trunk"):
+            raise ValueError(f"VAEConfig.decoder must be deeponet, mlp or pca_trunk, got {self.decoder!r}")
+        if self.latent_dim < 1 or self.n_basis < 1 or self.n_bins < 2:
+            raise ValueError(f"VAEConfig needs latent_dim, n_basis >= 1 and n_bins >= 2: {self}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> VAEConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known})
+
+
+def mlp(n_in: int, widths: tuple[int, ...], n_out: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for width in widths:
+        layers += [nn.Linear(n_in, width), nn.SiLU()]
+        n_in = width
+    return nn.Sequential(*layers, nn.Linear(n_in, n_out))
+
+
+class DeepONetDecoder(nn.Module):
+    """log f(E) = branch(z) . trunk(E)[:p] + trunk(E)[p]; with `fixed_basis` the trunk is a PCA basis."""
+
+    def __init__(self, config: VAEConfig, fixed_basis: bool = False) -> None:
+        super().__init__()
+        self.branch = mlp(config.latent_dim, config.branch_widths, config.n_basis)
+        if fixed_basis:
+            self.trunk = None
+            self.register_buffer("basis", torch.zeros(config.n_bins, config.n_basis + 1))
+        else:
+            self.trunk = mlp(1, config.trunk_widths, config.n_basis + 1)
+
+    def forward(self, z: torch.Tensor, energy_input: torch.Tensor) -> torch.Tensor:
+        templates = self.basis if self.trunk is None else self.trunk(energy_input[:, None])  # [E, p + 1]
+        return self.branch(z) @ templates[:, :-1].T + templates[:, -1]
+
+
+class MLPDecoder(nn.Module):
+    """Baseline: every bin an independent output of an MLP of z (only on the training grid)."""
+
+    def __init__(self, config: VAEConfig, widths: tuple[int, ...]) -> None:
+        super().__init__()
+        self.net = mlp(config.latent_dim, widths, config.n_bins)
+
+    def forward(self, z: torch.Tensor, energy_input: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+class VAE(nn.Module):
+    def __init__(self, config: VAEConfig, mlp_decoder_widths: tuple[int, ...] = (256, 256)) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = mlp(config.n_bins, config.encoder_widths, 2 * config.latent_dim)
+        if config.decoder == "mlp":
+            self.decoder: nn.Module = MLPDecoder(config, mlp_decoder_widths)
+        else:
+            self.decoder = DeepONetDecoder(config, fixed_basis=config.decoder == "pca_trunk")
+        edges = np.geomspace(config.e_min_kev, config.e_max_kev, config.n_bins + 1)
+        log_centres = np.log(np.sqrt(edges[:-1] * edges[1:]))
+        self.register_buffer("log_energy", torch.tensor(log_centres, dtype=torch.float32))
+
+    def scale_input(self, unfolded: torch.Tensor) -> torch.Tensor:
+        """asinh(x / (mean|x| * softening)): independent of the spectrum's overall scale, log-like for
+        bright bins and linear (so negative net counts stay finite) for the faint ones."""
+        mean_abs = unfolded.abs().mean(dim=-1, keepdim=True).clamp_min(1e-30)
+        return torch.asinh(unfolded / (mean_abs * self.config.input_softening))
+
+    def encode(self, unfolded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = self.encoder(self.scale_input(unfolded)).chunk(2, dim=-1)
+        return mu, logvar.clamp(-20.0, 10.0)
+
+    def decode(self, z: torch.Tensor, log_energy: torch.Tensor | None = None) -> torch.Tensor:
+        """Positive photon flux density shape [N, E] at the given log-energies (default: the grid)."""
+        log_energy = self.log_energy if log_energy is None else log_energy
+        lo, hi = math.log(self.config.e_min_kev), math.log(self.config.e_max_kev)
+        log_flux = self.decoder(z, (2.0 * log_energy - (lo + hi)) / (hi - lo)).float()
+        log_mean = torch.logsumexp(log_flux, dim=-1, keepdim=True) - math.log(log_flux.shape[-1])
+        return torch.exp(log_flux - log_mean)
+
+    def forward(self, unfolded: torch.Tensor, noise: torch.Tensor | None = None):
+        mu, logvar = self.encode(unfolded)
+        z = mu if noise is None else mu + noise * torch.exp(0.5 * logvar)
+        return self.decode(z), mu, logvar
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@dataclass
+class SpectraTensors:
+    """A dataset's arrays on one device, ready for the loss; `take(index)` gives a batch."""
+
+    unfolded: torch.Tensor  # [N, B]
+    counts: torch.Tensor  # [N, B]
+    background: torch.Tensor  # [N, B]
+    exposure_width: torch.Tensor  # [N, B] area x exposure x bin width, cm^2 s keV
+    rmf_index: torch.Tensor  # [N] int64
+
+    @classmethod
+    def from_dataset(cls, dataset: Any, device: torch.device | str = "cpu") -> SpectraTensors:
+        def as_tensor(a: np.ndarray) -> torch.Tensor:
+            return torch.as_tensor(np.ascontiguousarray(a, dtype=np.float32), device=device)
+
+        widths = np.diff(dataset.grid.edges_kev).astype(np.float32)
+        return cls(
+            unfolded=as_tensor(dataset.unfolded),
+            counts=as_tensor(dataset.counts),
+            background=as_tensor(dataset.background),
+            exposure_width=as_tensor(dataset.area_exposure * widths),
+            rmf_index=torch.as_tensor(np.asarray(dataset.rmf_index, dtype=np.int64), device=device),
+        )
+
+    def take(self, index: torch.Tensor) -> SpectraTensors:
+        return SpectraTensors(*(t[index] for t in (self.unfolded, self.counts, self.background,
+                                                   self.exposure_width, self.rmf_index)))
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+
+def fold(flux: torch.Tensor, batch: SpectraTensors, rmf_matrices: torch.Tensor) -> torch.Tensor:
+    """Source counts per channel bin [N, B] for flux density shapes [N, B]: area x exposure, then RMF.
+
+    With few RMFs every spectrum is folded through all of them and the right one gathered (no
+    data-dependent shapes: good for torch.compile and CUDA graphs); with many, per-RMF row masks."""
+    incident = flux * batch.exposure_width
+    n_rmf = rmf_matrices.shape[0]
+    if n_rmf <= 8:
+        every = torch.einsum("nj,rkj->nrk", incident, rmf_matrices)
+        return every.gather(1, batch.rmf_index[:, None, None].expand(-1, 1, every.shape[-1])).squeeze(1)
+    out = torch.zeros_like(incident)
+    for r in torch.unique(batch.rmf_index).tolist():
+        rows = batch.rmf_index == r
+        out[rows] = incident[rows] @ rmf_matrices[r].T
+    return out
+
+
+@torch.no_grad()
+def ml_normalisation(source: torch.Tensor, counts: torch.Tensor, background: torch.Tensor,
+                     iterations: int = 20) -> torch.Tensor:
+    """Poisson maximum-likelihood A [N, 1] for mu = A * source + background given the counts.
+
+    Without background the closed form sum(n) / sum(m); with it, EM fixed-point iterations
+    A <- A * sum(n m / (A m + b)) / sum(m) from the net-count estimate. Detached: at the optimum
+    d(loss)/dA = 0, so no gradient flows through A anyway."""
+    total_source = source.sum(-1, keepdim=True).clamp_min(1e-30)
+    net = (counts.sum(-1, keepdim=True) - background.sum(-1, keepdim=True))
+    norm = net.clamp_min(0.1 * counts.sum(-1, keepdim=True) + 1e-3) / total_source
+    for _ in range(iterations):
+        norm = norm * (counts * source / (norm * source + background).clamp_min(1e-30)).sum(-1, keepdim=True)
+        norm = norm / total_source
+    return norm.clamp_min(1e-30)
+
+
+def expected_counts(flux: torch.Tensor, batch: SpectraTensors, rmf_matrices: torch.Tensor,
+                    iterations: int = 20) -> torch.Tensor:
+    source = fold(flux.float(), batch, rmf_matrices)
+    norm = ml_normalisation(source, batch.counts, batch.background, iterations)
+    return (norm * source + batch.background).clamp_min(1e-30)
+
+
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    return -0.5 * (1.0 + logvar - mu.square() - logvar.exp()).sum(-1)
+
+
+def poisson_vae_loss(model: VAE, batch: SpectraTensors, rmf_matrices: torch.Tensor,
+                     noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, mean Poisson NLL per spectrum, mean KL per spectrum); noise None means z = mu."""
+    flux, mu, logvar = model(batch.unfolded, noise)
+    expected = expected_counts(flux, batch, rmf_matrices, model.config.norm_iterations)
+    nll = (expected - batch.counts * torch.log(expected)).sum(-1).mean()
+    kl = kl_divergence(mu.float(), logvar.float()).mean()
+    return nll + model.config.beta * kl, nll, kl
+
+
+def poisson_deviance_per_dof(counts: Any, mu: Any, n_fitted: int = 0) -> Any:
+    """2 sum_k (mu - n + n log(n / mu)) / (bins - n_fitted) per spectrum; numpy or torch in, same out."""
+    if isinstance(counts, torch.Tensor):
+        deviance = 2.0 * (mu - counts + torch.xlogy(counts, counts) - torch.xlogy(counts, mu)).sum(-1)
+    else:
+        counts, mu = np.asarray(counts, dtype=np.float64), np.asarray(mu, dtype=np.float64)
+        safe_counts = np.where(counts > 0, counts, 1.0)
+        log_ratio = np.where(counts > 0, counts * (np.log(safe_counts) - np.log(mu)), 0.0)
+        deviance = 2.0 * (mu - counts + log_ratio).sum(-1)
+    return deviance / max(counts.shape[-1] - n_fitted, 1)
