@@ -1,0 +1,45 @@
+"""`xmm-pipeline preprocess --archive DIR --out DIR`: select, bin and unfold pn spectra into Parquet."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from xmm_pipeline.errors import UserError
+
+
+def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    parser.add_argument(
+        "--archive", required=True, type=Path, help="archive folder (catalogue.parquet, <obs_id>/pps)"
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output folder for the Parquet spectra")
+    parser.add_argument(
+        "--min-counts", type=float, default=300, help="keep detections with pn_8_cts above this"
+    )
+    parser.add_argument("--max-sum-flag", type=int, default=2, help="keep detections with SUM_FLAG <= this")
+    parser.add_argument(
+        "--allow-extended",
+        action="store_true",
+        help="keep extended detections too (default: point-like only)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from xmm_pipeline.spectra.preprocess import PreprocessConfig, preprocess_archive
+
+    if not args.archive.is_dir():
+        raise UserError(f"{args.archive}: archive folder not found")
+    if args.min_counts < 0:
+        raise UserError(f"--min-counts must be >= 0, got {args.min_counts}")
+    config = PreprocessConfig(
+        min_counts=args.min_counts, max_sum_flag=args.max_sum_flag, require_point_like=not args.allow_extended
+    )
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"{args.out}: cannot create output folder ({error.strerror})") from None
+    summary = preprocess_archive(args.archive, args.out, config)
+    for line in summary.lines():
+        print(line)
+    print(f"spectra in {args.out} ({summary.seconds:.1f} s)")
+    return 0

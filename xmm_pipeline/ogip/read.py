@@ -1,0 +1,502 @@
+"""Read OGIP spectral files (PHA type I, ARF, RMF) into dataclasses of numpy arrays.
+
+Every problem raises `ProductError` naming the file. PHA and ARF files (small, one per spectrum,
+read hundreds of times per second in ingestion) go through a minimal FITS binary-table reader that
+decompresses the file once and maps the table with `numpy.frombuffer`; anything it does not handle
+(variable-length columns, scaled columns, odd layouts) falls back to astropy. RMFs (few per run,
+variable-length arrays) are read with astropy and kept in their sparse group form.
+"""
+
+from __future__ import annotations
+
+import gzip
+import re
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xmm_pipeline.errors import ProductError
+
+_BLOCK = 2880
+_CARD = 80
+_TFORM = re.compile(r"^\s*(\d*)\s*([LXBIJKAEDCMPQ])")
+_FITS_DTYPES = {"L": "i1", "B": "u1", "I": ">i2", "J": ">i4", "K": ">i8", "E": ">f4", "D": ">f8"}
+_NO_LINK = {"", "NONE", "NONE.FITS"}
+
+
+@dataclass(frozen=True)
+class Pha:
+    """A PHA type I spectrum. `counts` are counts per channel (RATE x EXPOSURE where rates are stored)."""
+
+    path: Path
+    channel: np.ndarray  # int64, channel numbers as stored (first is TLMIN of CHANNEL)
+    counts: np.ndarray  # float64
+    quality: np.ndarray  # int16, 0 = good
+    exposure_s: float
+    backscal: float | np.ndarray
+    areascal: float | np.ndarray
+    poisson: bool
+    n_channels: int  # DETCHANS, the channel count the RMF must have
+    backfile: str | None
+    respfile: str | None
+    ancrfile: str | None
+    keywords: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Arf:
+    path: Path
+    energy_lo_kev: np.ndarray  # float64
+    energy_hi_kev: np.ndarray
+    area_cm2: np.ndarray
+
+
+@dataclass(frozen=True)
+class Rmf:
+    """A response matrix in its sparse OGIP form: groups of consecutive channels per energy row.
+
+    Element values of group g are `values[offset[g] : offset[g] + group_n_chan[g]]`, channel indices
+    (zero-based into `channel`) `group_first_channel[g] + arange(group_n_chan[g])`.
+    `includes_area` is True for a SPECRESP MATRIX (effective area folded in, HDUCLAS3 FULL).
+    """
+
+    path: Path
+    energy_lo_kev: np.ndarray  # float64 [E]
+    energy_hi_kev: np.ndarray
+    channel: np.ndarray  # int64 [C], from EBOUNDS
+    channel_lo_kev: np.ndarray  # float64 [C]
+    channel_hi_kev: np.ndarray
+    group_energy_index: np.ndarray  # int32 [G]
+    group_first_channel: np.ndarray  # int32 [G], zero-based
+    group_n_chan: np.ndarray  # int32 [G]
+    values: np.ndarray  # float32 [sum(group_n_chan)]
+    includes_area: bool
+
+    @property
+    def n_energies(self) -> int:
+        return len(self.energy_lo_kev)
+
+    @property
+    def n_channels(self) -> int:
+        return len(self.channel)
+
+    def element_indices(self) -> tuple[np.ndarray, np.ndarray]:
+        """(energy row, zero-based channel) of every stored matrix element."""
+        n_chan = self.group_n_chan.astype(np.int64)
+        starts = np.cumsum(n_chan) - n_chan
+        within = np.arange(int(n_chan.sum()), dtype=np.int64) - np.repeat(starts, n_chan)
+        rows = np.repeat(self.group_energy_index.astype(np.int64), n_chan)
+        return rows, np.repeat(self.group_first_channel.astype(np.int64), n_chan) + within
+
+    def to_csr(self):
+        """The matrix as scipy.sparse CSR [energy, channel] (duplicates summed)."""
+        from scipy import sparse
+
+        rows, cols = self.element_indices()
+        shape = (self.n_energies, self.n_channels)
+        return sparse.csr_matrix((self.values.astype(np.float64), (rows, cols)), shape=shape)
+
+    def to_dense(self) -> np.ndarray:
+        dense = np.zeros((self.n_energies, self.n_channels), dtype=np.float64)
+        rows, cols = self.element_indices()
+        np.add.at(dense, (rows, cols), self.values)
+        return dense
+
+
+# ---------------------------------------------------------------- fast FITS binary tables
+
+
+class _UnsupportedError(Exception):
+    """The fast reader does not handle this file; use astropy."""
+
+
+def _file_bytes(path: Path) -> bytes:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ProductError(path, "file not found") from None
+    except OSError as error:
+        raise ProductError(path, f"cannot read file: {error.strerror or error}") from None
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            return gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as error:
+            raise ProductError(path, f"corrupt gzip data: {error}") from None
+    return raw
+
+
+def _card_value(text: str) -> Any:
+    text = text.strip()
+    if text.startswith("'"):
+        out, i = [], 1
+        while i < len(text):
+            if text[i] == "'":
+                if i + 1 < len(text) and text[i + 1] == "'":
+                    out.append("'")
+                    i += 2
+                    continue
+                break
+            out.append(text[i])
+            i += 1
+        return "".join(out).rstrip()
+    word = text.split("/", 1)[0].strip()
+    if word in ("T", "F"):
+        return word == "T"
+    if not word:
+        return None
+    try:
+        return int(word)
+    except ValueError:
+        pass
+    try:
+        return float(word.replace("D", "E").replace("d", "e"))
+    except ValueError:
+        return word
+
+
+def _parse_header(data: bytes, start: int, path: Path) -> tuple[dict[str, Any], int]:
+    """Keywords of the header at `start` and the offset of its data unit."""
+    header: dict[str, Any] = {}
+    last_string_key = ""
+    position = start
+    while True:
+        if position + _BLOCK > len(data):
+            raise ProductError(path, "truncated FITS header (no END card)")
+        block = data[position : position + _BLOCK].decode("ascii", errors="replace")
+        position += _BLOCK
+        for i in range(0, _BLOCK, _CARD):
+            card = block[i : i + _CARD]
+            key = card[:8].rstrip()
+            if key == "END":
+                return header, position
+            if key == "CONTINUE" and last_string_key:
+                value = _card_value(card[8:])
+                previous = header[last_string_key]
+                if isinstance(value, str) and previous.endswith("&"):
+                    header[last_string_key] = previous[:-1] + value
+                continue
+            if card[8:10] != "= " or key in header:
+                continue
+            value = _card_value(card[10:])
+            header[key] = value
+            last_string_key = key if isinstance(value, str) else ""
+
+
+def _data_size(header: dict[str, Any]) -> int:
+    naxis = int(header.get("NAXIS", 0))
+    if naxis == 0:
+        return 0
+    size = abs(int(header.get("BITPIX", 8))) // 8
+    for axis in range(1, naxis + 1):
+        size *= int(header.get(f"NAXIS{axis}", 0))
+    size = (size + int(header.get("PCOUNT", 0))) * int(header.get("GCOUNT", 1))
+    return -(-size // _BLOCK) * _BLOCK
+
+
+def _table_columns(header: dict[str, Any], data: bytes, start: int) -> dict[str, np.ndarray]:
+    n_rows, row_bytes = int(header["NAXIS2"]), int(header["NAXIS1"])
+    names, formats, offsets, scales = [], [], [], {}
+    offset = 0
+    for index in range(1, int(header["TFIELDS"]) + 1):
+        match = _TFORM.match(str(header.get(f"TFORM{index}", "")))
+        if not match:
+            raise _UnsupportedError(f"TFORM{index}")
+        repeat = int(match.group(1) or 1)
+        code = match.group(2)
+        name = str(header.get(f"TTYPE{index}", f"COL{index}")).strip().upper()
+        if code in "PQCMX":
+            width = {"P": 8, "Q": 16, "C": 8, "M": 16, "X": 1}[code] * (
+                repeat if code != "X" else -(-repeat // 8)
+            )
+        elif code == "A":
+            width = repeat
+        else:
+            width = np.dtype(_FITS_DTYPES[code]).itemsize * repeat
+        if code in _FITS_DTYPES and name not in names:
+            names.append(name)
+            formats.append((_FITS_DTYPES[code], (repeat,)) if repeat > 1 else _FITS_DTYPES[code])
+            offsets.append(offset)
+            scale, zero = header.get(f"TSCAL{index}", 1), header.get(f"TZERO{index}", 0)
+            if scale != 1 or zero != 0:
+                scales[name] = (scale, zero)
+        offset += width
+    if offset != row_bytes:
+        raise _UnsupportedError("row width")
+    dtype = np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": row_bytes})
+    table = np.frombuffer(data, dtype=dtype, count=n_rows, offset=start)
+    columns = {}
+    for name in names:
+        column = table[name]
+        if name in scales:
+            column = column * scales[name][0] + scales[name][1]
+        columns[name] = column
+    return columns
+
+
+def _read_table_fast(path: Path, extnames: tuple[str, ...], hduclas1: str) -> tuple[dict, dict, str]:
+    data = _file_bytes(path)
+    if not data.startswith(b"SIMPLE  ="):
+        raise ProductError(path, "not a FITS file (no SIMPLE card)")
+    primary, position = _parse_header(data, 0, path)
+    position += _data_size(primary)
+    while position < len(data):
+        header, data_start = _parse_header(data, position, path)
+        position = data_start + _data_size(header)
+        extname = str(header.get("EXTNAME", "")).strip().upper()
+        if header.get("XTENSION", "").strip() == "BINTABLE" and (
+            extname in extnames or str(header.get("HDUCLAS1", "")).strip().upper() == hduclas1
+        ):
+            if data_start + int(header["NAXIS1"]) * int(header["NAXIS2"]) > len(data):
+                raise ProductError(path, f"truncated FITS data in extension {extname}")
+            return {**primary, **header}, _table_columns(header, data, data_start), extname
+    raise ProductError(path, f"no {' or '.join(extnames)} extension")
+
+
+def _read_table_astropy(path: Path, extnames: tuple[str, ...], hduclas1: str) -> tuple[dict, dict, str]:
+    from astropy.io import fits
+
+    try:
+        with fits.open(path, memmap=False) as hdus:
+            primary = dict(hdus[0].header)
+            for hdu in hdus[1:]:
+                extname = str(hdu.header.get("EXTNAME", "")).strip().upper()
+                if extname in extnames or str(hdu.header.get("HDUCLAS1", "")).strip().upper() == hduclas1:
+                    columns = {name.upper(): np.asarray(hdu.data[name]) for name in hdu.columns.names}
+                    return {**primary, **dict(hdu.header)}, columns, extname
+    except FileNotFoundError:
+        raise ProductError(path, "file not found") from None
+    except (OSError, ValueError, TypeError, KeyError, IndexError) as error:
+        raise ProductError(path, f"unreadable FITS file: {error}") from None
+    raise ProductError(path, f"no {' or '.join(extnames)} extension")
+
+
+def read_table(path: str | Path, extnames: tuple[str, ...], hduclas1: str = "") -> tuple[dict, dict, str]:
+    """(keywords of primary+extension, columns by upper-case name, extname) of the first matching table."""
+    path = Path(path)
+    try:
+        return _read_table_fast(path, extnames, hduclas1)
+    except (_UnsupportedError, KeyError, ValueError, TypeError):
+        return _read_table_astropy(path, extnames, hduclas1)
+
+
+# ---------------------------------------------------------------- public readers
+
+
+def _link(header: dict[str, Any], key: str) -> str | None:
+    value = header.get(key)
+    if value is None:
+        return None
+    text = str(value).strip()
+    return None if text.upper() in _NO_LINK else text
+
+
+def _per_channel(path: Path, header: dict, columns: dict, key: str, n: int) -> float | np.ndarray:
+    if key in columns:
+        values = np.asarray(columns[key], dtype=np.float64)
+        if values.shape != (n,):
+            raise ProductError(path, f"{key} column has shape {values.shape}, expected ({n},)")
+        if not np.all(np.isfinite(values)) or np.any(values < 0):
+            raise ProductError(path, f"{key} column has NaN or negative values")
+        return values
+    value = header.get(key, 1.0)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ProductError(path, f"{key} keyword is not a number: {value!r}") from None
+    if not np.isfinite(value) or value <= 0:
+        raise ProductError(path, f"{key} = {value} (must be positive)")
+    return value
+
+
+def read_pha(path: str | Path) -> Pha:
+    """Read a PHA type I spectrum (COUNTS or RATE). GROUPING is ignored: binning is done downstream."""
+    path = Path(path)
+    header, columns, _ = read_table(path, ("SPECTRUM",), "SPECTRUM")
+    exposure = header.get("EXPOSURE")
+    try:
+        exposure_s = float(exposure)
+    except (TypeError, ValueError):
+        raise ProductError(path, f"EXPOSURE keyword missing or not a number ({exposure!r})") from None
+    if not np.isfinite(exposure_s) or exposure_s <= 0:
+        raise ProductError(path, f"non-positive or NaN EXPOSURE = {exposure_s}")
+    poisson = bool(header.get("POISSERR", False))
+    if "COUNTS" in columns:
+        raw = np.asarray(columns["COUNTS"])
+        counts = raw.astype(np.float64)
+    elif "RATE" in columns:
+        raw = np.asarray(columns["RATE"])
+        counts = raw.astype(np.float64) * exposure_s
+    else:
+        raise ProductError(path, "SPECTRUM extension has neither COUNTS nor RATE")
+    if counts.ndim != 1:
+        raise ProductError(path, f"PHA type II ({counts.shape[0]} spectra in one file) is not supported")
+    n = len(counts)
+    if n == 0:
+        raise ProductError(path, "SPECTRUM extension has no channels")
+    if not np.all(np.isfinite(counts)):
+        raise ProductError(path, f"{int(np.sum(~np.isfinite(counts)))} NaN or infinite channel values")
+    if poisson and "COUNTS" in columns:
+        if np.any(counts < 0):
+            raise ProductError(path, "negative COUNTS although POISSERR = T")
+        if raw.dtype.kind == "f" and np.any(counts != np.round(counts)):
+            raise ProductError(path, "non-integer COUNTS although POISSERR = T")
+    if "CHANNEL" in columns:
+        channel = np.asarray(columns["CHANNEL"], dtype=np.int64)
+    else:
+        channel = np.arange(n, dtype=np.int64) + int(header.get("TLMIN1", 1))
+    if "QUALITY" in columns:
+        quality = np.asarray(columns["QUALITY"], dtype=np.int16)
+    else:
+        quality = np.full(n, int(header.get("QUALITY", 0) or 0), dtype=np.int16)
+    keywords = {
+        key: header[key]
+        for key in ("TELESCOP", "INSTRUME", "FILTER", "OBS_ID", "OBJECT", "DATE-OBS", "HDUCLAS2", "SUBMODE")
+        if key in header
+    }
+    return Pha(
+        path=path,
+        channel=channel,
+        counts=counts,
+        quality=quality,
+        exposure_s=exposure_s,
+        backscal=_per_channel(path, header, columns, "BACKSCAL", n),
+        areascal=_per_channel(path, header, columns, "AREASCAL", n),
+        poisson=poisson,
+        n_channels=int(header.get("DETCHANS", n) or n),
+        backfile=_link(header, "BACKFILE"),
+        respfile=_link(header, "RESPFILE"),
+        ancrfile=_link(header, "ANCRFILE"),
+        keywords=keywords,
+    )
+
+
+def _energy_bins(path: Path, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    lo, hi = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
+    if len(lo) == 0 or not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
+        raise ProductError(path, "energy bins empty or NaN")
+    if np.any(hi <= lo) or np.any(np.diff(lo) <= 0):
+        raise ProductError(path, "energy bins not increasing (ENERG_LO/ENERG_HI)")
+    return lo, hi
+
+
+def read_arf(path: str | Path) -> Arf:
+    path = Path(path)
+    _, columns, _ = read_table(path, ("SPECRESP",), "RESPONSE")
+    missing = [name for name in ("ENERG_LO", "ENERG_HI", "SPECRESP") if name not in columns]
+    if missing:
+        raise ProductError(path, f"SPECRESP extension lacks columns {', '.join(missing)}")
+    lo, hi = _energy_bins(path, columns["ENERG_LO"], columns["ENERG_HI"])
+    area = np.asarray(columns["SPECRESP"], dtype=np.float64)
+    if not np.all(np.isfinite(area)):
+        raise ProductError(path, "NaN in SPECRESP")
+    if np.any(area < 0):
+        raise ProductError(path, "negative effective area in SPECRESP")
+    return Arf(path=path, energy_lo_kev=lo, energy_hi_kev=hi, area_cm2=area)
+
+
+def _group_arrays(path: Path, column: Any, n_grp: np.ndarray) -> np.ndarray:
+    """F_CHAN or N_CHAN as one flat int array of the first N_GRP entries of each row."""
+    if column.dtype == object:
+        parts = [np.atleast_1d(np.asarray(row))[:count] for row, count in zip(column, n_grp)]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+    array = np.asarray(column)
+    if array.ndim == 1:
+        array = array[:, None]
+    if np.any(n_grp > array.shape[1]):
+        raise ProductError(path, "N_GRP larger than the F_CHAN/N_CHAN vectors")
+    return array[np.arange(array.shape[1])[None, :] < n_grp[:, None]].astype(np.int64)
+
+
+def read_rmf(path: str | Path) -> Rmf:
+    """Read MATRIX or SPECRESP MATRIX and EBOUNDS; variable-length or fixed group columns."""
+    from astropy.io import fits
+
+    path = Path(path)
+    try:
+        with fits.open(path, memmap=False) as hdus:
+            matrix_hdu = next(
+                (
+                    h
+                    for h in hdus[1:]
+                    if str(h.header.get("EXTNAME", "")).strip() in ("MATRIX", "SPECRESP MATRIX")
+                ),
+                None,
+            )
+            ebounds_hdu = next(
+                (h for h in hdus[1:] if str(h.header.get("EXTNAME", "")).strip() == "EBOUNDS"), None
+            )
+            if matrix_hdu is None:
+                raise ProductError(path, "no MATRIX or SPECRESP MATRIX extension")
+            if ebounds_hdu is None:
+                raise ProductError(path, "no EBOUNDS extension")
+            header = matrix_hdu.header
+            rows = matrix_hdu.data
+            lo, hi = _energy_bins(path, rows["ENERG_LO"], rows["ENERG_HI"])
+            n_grp = np.asarray(rows["N_GRP"], dtype=np.int64)
+            f_chan = _group_arrays(path, rows["F_CHAN"], n_grp)
+            n_chan = _group_arrays(path, rows["N_CHAN"], n_grp)
+            matrix_column = rows["MATRIX"]
+            group_row = np.repeat(np.arange(len(n_grp)), n_grp)
+            row_lengths = np.bincount(group_row, weights=n_chan, minlength=len(n_grp)).astype(np.int64)
+            values = _matrix_values(path, matrix_column, row_lengths)
+            f_chan_col = rows.columns.names.index("F_CHAN") + 1
+            tlmin = header.get(f"TLMIN{f_chan_col}")
+            ebounds = ebounds_hdu.data
+            channel = np.asarray(ebounds["CHANNEL"], dtype=np.int64)
+            channel_lo = np.asarray(ebounds["E_MIN"], dtype=np.float64)
+            channel_hi = np.asarray(ebounds["E_MAX"], dtype=np.float64)
+            includes_area = (
+                str(header.get("EXTNAME", "")).strip() == "SPECRESP MATRIX"
+                or str(header.get("HDUCLAS3", "")).strip().upper() == "FULL"
+            )
+    except ProductError:
+        raise
+    except FileNotFoundError:
+        raise ProductError(path, "file not found") from None
+    except (OSError, ValueError, TypeError, KeyError, IndexError) as error:
+        raise ProductError(path, f"unreadable RMF: {error}") from None
+    first_channel = int(tlmin) if tlmin is not None else int(channel[0]) if len(channel) else 1
+    detchans = int(header.get("DETCHANS", len(channel)))
+    if detchans != len(channel):
+        raise ProductError(path, f"DETCHANS = {detchans} but EBOUNDS has {len(channel)} channels")
+    first = f_chan - first_channel
+    if np.any(first < 0) or np.any(first + n_chan > len(channel)):
+        raise ProductError(
+            path, f"F_CHAN/N_CHAN outside channels {first_channel}..{first_channel + len(channel) - 1}"
+        )
+    if not np.all(np.isfinite(values)):
+        raise ProductError(path, "NaN in MATRIX")
+    keep = n_chan > 0
+    return Rmf(
+        path=path,
+        energy_lo_kev=lo,
+        energy_hi_kev=hi,
+        channel=channel,
+        channel_lo_kev=channel_lo,
+        channel_hi_kev=channel_hi,
+        group_energy_index=group_row[keep].astype(np.int32),
+        group_first_channel=first[keep].astype(np.int32),
+        group_n_chan=n_chan[keep].astype(np.int32),
+        values=values,
+        includes_area=includes_area,
+    )
+
+
+def _matrix_values(path: Path, column: Any, row_lengths: np.ndarray) -> np.ndarray:
+    if column.dtype == object:
+        parts = []
+        for index, (row, length) in enumerate(zip(column, row_lengths)):
+            row = np.atleast_1d(np.asarray(row, dtype=np.float32))
+            if len(row) < length:
+                raise ProductError(path, f"MATRIX row {index} has {len(row)} values, N_CHAN sums to {length}")
+            parts.append(row[:length])
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    array = np.asarray(column, dtype=np.float32)
+    if array.ndim == 1:
+        array = array[:, None]
+    if np.any(row_lengths > array.shape[1]):
+        raise ProductError(path, "N_CHAN sums exceed the MATRIX vector length")
+    return array[np.arange(array.shape[1])[None, :] < row_lengths[:, None]]

@@ -1,0 +1,671 @@
+"""Select detections, bin their pn spectra onto the grid, unfold and scale them, write Parquet.
+
+Per spectrum (grid bins k, j; see spectra/response.py for the compressed response R and area_j):
+
+    counts_k      source counts of the good-quality (QUALITY = 0) channels whose EBOUNDS mid energy
+                  falls in bin k; RATE files give RATE x EXPOSURE, rounded
+    background_k  background counts of the same channels x (EXPOSURE x BACKSCAL x AREASCAL of the source)
+                  / (the same of the background): the expected background in the source region
+    area_exposure_j = area_j x EXPOSURE x AREASCAL                     (cm^2 s per model bin)
+    folded_k      = sum_j R[k, j] area_exposure_j                      (cm^2 s seen by channel bin k)
+    flux_k        = max(counts_k - background_k, 0) / (folded_k x width_k)   photons/cm^2/s/keV
+                    (0 where folded_k < 1e-6 x its maximum: channel bins the response cannot reach)
+    unfolded_k    = E_k^2 flux_k / mean_k(E_k^2 flux_k)               the encoder's input
+    log10_flux    = log10(sum_k E_k flux_k width_k x 1.602e-9)         erg/cm^2/s, 0.3-10 keV
+
+Negative net bins (background fluctuations) are clipped to zero before unfolding: the loss of the model
+works on the raw counts and background, so the encoder input only needs an unbiased-looking shape, and
+a clipped shape never has negative fluxes. E^2 flux (nu F nu per keV) is flat for a photon index 2,
+so the unfolded shape spans a few decades less than the photon flux and its bins are O(1) after the
+unit-mean normalisation; the brightness lives in `log10_flux`. A spectrum with no positive net counts
+in the grid cannot be scaled and goes to quarantine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from xmm_pipeline.archive.base import CATALOGUE_FILE, RESPONSES_SUBDIR
+from xmm_pipeline.archive.catalogue import as_canonical
+from xmm_pipeline.errors import ProductError, UserError
+from xmm_pipeline.ogip.read import Arf, Pha, read_arf, read_pha
+from xmm_pipeline.spectra.dataset import RESPONSES_FILE, SPECTRA_SUBDIR, SpectralDataset
+from xmm_pipeline.spectra.grid import DEFAULT_GRID, EnergyGrid
+from xmm_pipeline.spectra.response import CompressedRmf, ResponseCache, fold_compressed
+from xmm_pipeline.storage import (
+    QuarantineRecord,
+    atomic_path,
+    quarantine_frame,
+    sha256_file,
+    sha256_json,
+    write_json_atomic,
+    write_parquet_atomic,
+)
+
+PREPROCESS_VERSION = "1"  # bump when the per-spectrum arithmetic changes: every observation is redone
+KEV_TO_ERG = 1.602176634e-9
+METADATA_KEY = b"xmm_pipeline"
+SELECTION_FILE = "selection.json"
+QUARANTINE_FILE = "quarantine.parquet"
+DROP_REASONS = ("no_pn_exposure", "flagged", "extended", "low_counts", "duplicate_in_observation")
+NO_SPECTRUM = "no_pn_spectrum"
+_PRODUCT = re.compile(
+    r"^P(?P<obs>\d{10})PN(?P<kind>[SUX])(?P<expo>\d{3})(?P<type>SRSPEC|BGSPEC|SRCARF)(?P<field>.)"
+    r"(?P<src>[0-9A-F]{3})\.(?:FTZ|FIT|FITS)(?:\.GZ)?$",
+    re.IGNORECASE,
+)
+_CATALOGUE_SCALARS = (
+    "detid",
+    "srcid",
+    "iauname",
+    "obs_id",
+    "src_num",
+    "ra",
+    "dec",
+    "mjd_start",
+    "mjd_stop",
+    "pn_filter",
+    "pn_submode",
+    "pn_8_cts",
+    "ep_8_flux",
+    "ep_hr1",
+    "ep_hr2",
+    "ep_hr3",
+    "ep_hr4",
+    "ep_extent",
+    "sum_flag",
+)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    grid: EnergyGrid = DEFAULT_GRID
+    min_counts: float = 300
+    max_sum_flag: int = 2
+    require_point_like: bool = True
+
+
+@dataclass
+class ObservationResult:
+    obs_id: str
+    path: Path
+    n_written: int = 0
+    skipped: bool = False
+    quarantine: list[QuarantineRecord] = field(default_factory=list)
+    dropped: dict[str, int] = field(default_factory=dict)  # e.g. no_pn_spectrum
+    rmf_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PreprocessSummary:
+    catalogue_rows: int
+    selected: int
+    dropped: dict[str, int]
+    written: int
+    quarantined: int
+    quarantine_by_reason: dict[str, int]
+    observations: int
+    observations_skipped: int
+    stale_removed: int
+    seconds: float
+
+    def lines(self) -> list[str]:
+        out = [
+            f"catalogue rows: {self.catalogue_rows}; selected: {self.selected}; written: {self.written}",
+            f"observations: {self.observations} ({self.observations_skipped} unchanged, skipped)",
+        ]
+        out += [f"  dropped {reason}: {n}" for reason, n in self.dropped.items()]
+        out.append(f"quarantined: {self.quarantined}")
+        out += [f"  {reason}: {n}" for reason, n in sorted(self.quarantine_by_reason.items())]
+        return out
+
+
+# ---------------------------------------------------------------- selection
+
+
+def select_detections(
+    catalogue: pd.DataFrame, config: PreprocessConfig
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The detections whose pn spectrum enters the training set, and how many were dropped, by reason.
+
+    Each detection is counted once, under the first rule it fails, in the order of DROP_REASONS:
+    no pn exposure (pn_ontime missing or <= 0); SUM_FLAG > max_sum_flag; extended (ep_extent > 0,
+    when point-like sources are required); pn_8_cts not above min_counts; and one spectrum per source
+    per observation: where a srcid appears more than once in an obs_id, the detection with the most pn
+    counts is kept (ties: the lowest detid).
+    """
+    frame = catalogue.reset_index(drop=True)
+    remaining = np.ones(len(frame), dtype=bool)
+    dropped: dict[str, int] = {}
+    rules = {
+        "no_pn_exposure": ~(frame["pn_ontime"].astype("float64").fillna(0).to_numpy() > 0),
+        "flagged": frame["sum_flag"].astype("float64").fillna(99).to_numpy() > config.max_sum_flag,
+        "extended": (frame["ep_extent"].astype("float64").fillna(0).to_numpy() > 0)
+        if config.require_point_like
+        else np.zeros(len(frame), dtype=bool),
+        "low_counts": ~(frame["pn_8_cts"].astype("float64").fillna(-1).to_numpy() > config.min_counts),
+    }
+    for reason, fails in rules.items():
+        dropped[reason] = int(np.sum(remaining & fails))
+        remaining &= ~fails
+    kept = frame[remaining]
+    order = kept.sort_values(["obs_id", "srcid", "pn_8_cts", "detid"], ascending=[True, True, False, True])
+    duplicate = order.duplicated(subset=["obs_id", "srcid"], keep="first")
+    dropped["duplicate_in_observation"] = int(duplicate.sum())
+    selected = order[~duplicate].sort_values(["obs_id", "src_num"]).reset_index(drop=True)
+    return selected, dropped
+
+
+# ---------------------------------------------------------------- locating products
+
+
+def _existing(candidates: Iterable[Path]) -> Path | None:
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _gz_variants(path: Path) -> list[Path]:
+    if path.suffix.lower() == ".gz":
+        return [path, path.with_suffix("")]
+    return [path, path.with_name(path.name + ".gz")]
+
+
+def _version_key(path: Path) -> tuple[float, ...]:
+    match = re.search(r"_v(\d+(?:\.\d+)*)\.rmf", path.name, re.IGNORECASE)
+    return tuple(float(part) for part in match.group(1).split(".")) if match else (-1.0,)
+
+
+def find_rmf(respfile: str, spectrum_dir: Path, responses_dir: Path | None) -> Path | None:
+    """The RMF named by RESPFILE: beside the spectrum, else in responses_dir by name or as <stem>_v*.rmf."""
+    name = Path(respfile).name
+    candidates = _gz_variants(spectrum_dir / respfile)
+    if responses_dir is not None:
+        candidates += _gz_variants(responses_dir / name)
+    found = _existing(candidates)
+    if found is None and responses_dir is not None and responses_dir.is_dir():
+        stem = re.sub(r"(_v\d+(\.\d+)*)?\.rmf(\.gz)?$", "", name, flags=re.IGNORECASE)
+        versions = [
+            p for p in responses_dir.glob(f"{stem}_v*.rmf*") if p.name.lower().endswith((".rmf", ".rmf.gz"))
+        ]
+        found = max(versions, key=_version_key) if versions else None
+    return found
+
+
+def _linked(link: str | None, spectrum: Path, fallback: Path | None) -> Path | None:
+    """A header link (relative to the spectrum, gzipped or not), else the fallback, else None."""
+    if link:
+        found = _existing(_gz_variants(spectrum.parent / link))
+        if found is not None:
+            return found
+    return fallback
+
+
+def _observation_products(obs_dir: Path) -> dict[tuple[str, int], dict[str, Path]]:
+    """(exposure id, src_num) -> {SRSPEC/BGSPEC/SRCARF: path} for the pn products in a pps folder."""
+    products: dict[tuple[str, int], dict[str, Path]] = {}
+    if not obs_dir.is_dir():
+        return products
+    for name in sorted(os.listdir(obs_dir)):
+        match = _PRODUCT.match(name)
+        if match:
+            key = (match["kind"].upper() + match["expo"], int(match["src"], 16))
+            products.setdefault(key, {})[match["type"].upper()] = obs_dir / name
+    return products
+
+
+def _exposure_order(exposure_id: str) -> tuple[int, str]:
+    return ("SUX".index(exposure_id[0]), exposure_id[1:])
+
+
+def _spectrum_products(
+    products: dict[tuple[str, int], dict[str, Path]], src_num: int
+) -> dict[str, Path] | None:
+    """The products of one source: the scheduled (S) exposure first, then the lowest exposure number."""
+    candidates = [key for key in products if key[1] == src_num and "SRSPEC" in products[key]]
+    if not candidates:
+        return None
+    return products[min(candidates, key=lambda key: _exposure_order(key[0]))]
+
+
+# ---------------------------------------------------------------- one spectrum
+
+
+def _channel_index(pha: Pha, response: CompressedRmf) -> np.ndarray:
+    if pha.n_channels != response.n_channels or len(pha.counts) > response.n_channels:
+        raise ProductError(
+            pha.path, f"{pha.n_channels} channels but the RMF {response.path.name} has {response.n_channels}"
+        )
+    index = pha.channel - response.channel[0]
+    if np.any(index < 0) or np.any(index >= response.n_channels):
+        raise ProductError(
+            pha.path, f"CHANNEL values outside the RMF's {response.channel[0]}..{response.channel[-1]}"
+        )
+    return index
+
+
+def bin_spectrum(
+    source: Pha, background: Pha, arf: Arf | None, response: CompressedRmf, cache: ResponseCache
+) -> dict[str, np.ndarray | float | int]:
+    """The grid arrays and derived scalars of one spectrum (definitions in the module docstring)."""
+    grid = cache.grid
+    index = _channel_index(source, response)
+    if len(background.counts) != len(source.counts) or not np.array_equal(background.channel, source.channel):
+        raise ProductError(
+            background.path,
+            f"{len(background.counts)} channels, the source spectrum has {len(source.counts)}",
+        )
+    good = source.quality == 0
+    bins = response.channel_bin[index]
+    use = good & (bins >= 0)
+    scale = (source.exposure_s * np.asarray(source.backscal) * np.asarray(source.areascal)) / (
+        background.exposure_s * np.asarray(background.backscal) * np.asarray(background.areascal)
+    )
+    counts = np.bincount(bins[use], weights=np.round(source.counts[use]), minlength=grid.n_bins)
+    background_counts = np.bincount(
+        bins[use],
+        weights=(background.counts * scale)[use] if np.ndim(scale) else background.counts[use] * scale,
+        minlength=grid.n_bins,
+    )
+    areascal = float(np.mean(source.areascal)) if np.ndim(source.areascal) else float(source.areascal)
+    area_exposure = cache.area_per_bin(arf, response) * source.exposure_s * areascal
+    folded = fold_compressed(area_exposure, response.matrix.astype(np.float64), np.ones(grid.n_bins))
+    reachable = folded > 1e-6 * max(float(folded.max()), 0.0)
+    net = np.clip(counts - background_counts, 0.0, None)
+    flux = np.divide(net, folded * grid.widths_kev, out=np.zeros(grid.n_bins), where=reachable & (folded > 0))
+    centres = grid.centres_kev
+    energy_flux = float(np.sum(centres * flux * grid.widths_kev)) * KEV_TO_ERG
+    if not energy_flux > 0:
+        raise ProductError(source.path, f"no positive net counts in {grid.e_min_kev}-{grid.e_max_kev} keV")
+    nu_f_nu = centres**2 * flux
+    return {
+        "counts": counts.astype(np.int32),
+        "background": background_counts.astype(np.float32),
+        "area_exposure_cm2_s": area_exposure.astype(np.float32),
+        "unfolded": (nu_f_nu / nu_f_nu.mean()).astype(np.float32),
+        "total_counts": int(counts.sum()),
+        "net_counts": float(counts.sum() - background_counts.sum()),
+        "log10_flux": float(np.log10(energy_flux)),
+        "exposure_s": source.exposure_s,
+        "backscal_ratio": float(np.mean(scale) * background.exposure_s / source.exposure_s),
+        "n_bad_channels": int(np.sum(~good & (response.channel_bin[index] >= 0))),
+        "rmf_id": response.rmf_id,
+    }
+
+
+def _spectrum_arrays(
+    source: Pha, background: Path, arf: Path | None, rmf: Path | None, cache: ResponseCache
+) -> dict:
+    if rmf is None:
+        raise ProductError(source.path, f"RMF {source.respfile or '(RESPFILE not set)'} not found")
+    response = cache.get(rmf)
+    arf_data = read_arf(arf) if arf is not None else None
+    if arf_data is None and response.area_factor is None:
+        raise ProductError(source.path, "ARF not found (ANCRFILE / SRCARF)")
+    return bin_spectrum(source, read_pha(background), arf_data, response, cache)
+
+
+# ---------------------------------------------------------------- one observation
+
+_ARRAY_TYPES = {
+    "counts": pa.int32(),
+    "background": pa.float32(),
+    "area_exposure_cm2_s": pa.float32(),
+    "unfolded": pa.float32(),
+}
+_SCALAR_TYPES = {
+    "detid": pa.int64(),
+    "srcid": pa.int64(),
+    "iauname": pa.string(),
+    "obs_id": pa.string(),
+    "src_num": pa.int32(),
+    "ra": pa.float64(),
+    "dec": pa.float64(),
+    "mjd": pa.float64(),
+    "mjd_start": pa.float64(),
+    "mjd_stop": pa.float64(),
+    "pn_filter": pa.string(),
+    "pn_submode": pa.string(),
+    "exposure_s": pa.float64(),
+    "pn_8_cts": pa.float32(),
+    "ep_8_flux": pa.float32(),
+    "ep_hr1": pa.float32(),
+    "ep_hr2": pa.float32(),
+    "ep_hr3": pa.float32(),
+    "ep_hr4": pa.float32(),
+    "ep_extent": pa.float32(),
+    "sum_flag": pa.int16(),
+    "rmf_id": pa.string(),
+    "total_counts": pa.int32(),
+    "net_counts": pa.float32(),
+    "log10_flux": pa.float32(),
+    "backscal_ratio": pa.float32(),
+    "n_bad_channels": pa.int32(),
+    "spectrum_file": pa.string(),
+    "input_hash": pa.string(),
+}
+
+
+def spectra_schema(grid: EnergyGrid) -> pa.Schema:
+    fields = [pa.field(name, kind) for name, kind in _SCALAR_TYPES.items()]
+    fields += [pa.field(name, pa.list_(kind, grid.n_bins)) for name, kind in _ARRAY_TYPES.items()]
+    return pa.schema(fields)
+
+
+def _spectra_table(records: list[dict], grid: EnergyGrid, metadata: dict) -> pa.Table:
+    columns = {}
+    for name, kind in _SCALAR_TYPES.items():
+        columns[name] = pa.array([record[name] for record in records], type=kind)
+    for name, kind in _ARRAY_TYPES.items():
+        values = np.concatenate([record[name] for record in records]) if records else np.zeros(0)
+        flat = pa.array(values.astype(kind.to_pandas_dtype()), type=kind)
+        columns[name] = pa.FixedSizeListArray.from_arrays(flat, grid.n_bins)
+    schema = spectra_schema(grid).with_metadata({METADATA_KEY: json.dumps(metadata).encode()})
+    return pa.Table.from_arrays(list(columns.values()), schema=schema)
+
+
+def _stored_metadata(path: Path) -> dict | None:
+    with contextlib.suppress(OSError, pa.ArrowException, ValueError, KeyError, TypeError):
+        metadata = pq.read_schema(path).metadata or {}
+        return json.loads(metadata[METADATA_KEY])
+    return None
+
+
+def _observation_hash(
+    obs_rows: pd.DataFrame, products: dict[tuple[str, int], dict[str, Path]], config: PreprocessConfig
+) -> str:
+    src_nums = {int(n) for n in obs_rows["src_num"]}
+    files = sorted(
+        (path.name, sha256_file(path))
+        for (_, src_num), kinds in products.items()
+        if src_num in src_nums
+        for path in kinds.values()
+    )
+    rows = obs_rows.sort_values("detid").astype(str).to_dict(orient="records")
+    return sha256_json(
+        {"version": PREPROCESS_VERSION, "grid": asdict(config.grid), "rows": rows, "files": files}
+    )
+
+
+def _catalogue_scalars(row: pd.Series) -> dict:
+    record = {name: row[name] for name in _CATALOGUE_SCALARS}
+    record = {name: (None if value is pd.NA else value) for name, value in record.items()}
+    record["mjd"] = 0.5 * (float(row["mjd_start"]) + float(row["mjd_stop"]))
+    return record
+
+
+def preprocess_observation(
+    obs_rows: pd.DataFrame,
+    archive_dir: Path,
+    out_dir: Path,
+    config: PreprocessConfig,
+    cache: ResponseCache,
+) -> ObservationResult:
+    """Preprocess the selected detections of one observation into out_dir/spectra/<obs_id>.parquet.
+
+    Skipped (files untouched) when that file exists with the same input hash: catalogue rows, product
+    file contents, grid and PREPROCESS_VERSION. Bad products go to the returned quarantine list; a
+    source without an SRSPEC counts as dropped (no_pn_spectrum). The file is written atomically, also
+    when no row survives, so that the outcome (quarantine, drops, in the file's metadata) is kept.
+    """
+    archive_dir, out_dir = Path(archive_dir), Path(out_dir)
+    obs_ids = obs_rows["obs_id"].astype(str).unique()
+    if len(obs_ids) != 1:
+        raise ValueError(f"preprocess_observation needs the rows of one observation, got {list(obs_ids)}")
+    obs_id = str(obs_ids[0])
+    path = out_dir / SPECTRA_SUBDIR / f"{obs_id}.parquet"
+    products = _observation_products(archive_dir / obs_id / "pps")
+    input_hash = _observation_hash(obs_rows, products, config)
+    stored = _stored_metadata(path) if path.exists() else None
+    if stored is not None and stored.get("input_hash") == input_hash:
+        return ObservationResult(
+            obs_id=obs_id,
+            path=path,
+            n_written=int(stored.get("n_written", 0)),
+            skipped=True,
+            quarantine=[QuarantineRecord(**record) for record in stored.get("quarantine", [])],
+            dropped=dict(stored.get("dropped", {})),
+            rmf_ids=list(stored.get("rmf_ids", [])),
+        )
+    if cache.grid != config.grid:
+        raise ValueError(f"ResponseCache grid {cache.grid} differs from the config's {config.grid}")
+    responses_dir = archive_dir / RESPONSES_SUBDIR
+    records, quarantine, missing = [], [], 0
+    for _, row in obs_rows.iterrows():
+        found = _spectrum_products(products, int(row["src_num"]))
+        if found is None:
+            missing += 1
+            continue
+        spectrum = found["SRSPEC"]
+        try:
+            source = read_pha(spectrum)
+            background = _linked(source.backfile, spectrum, found.get("BGSPEC"))
+            arf = _linked(source.ancrfile, spectrum, found.get("SRCARF"))
+            rmf = find_rmf(source.respfile, spectrum.parent, responses_dir) if source.respfile else None
+            if background is None:
+                raise ProductError(spectrum.parent / _sibling(spectrum, "BGSPEC"), "file not found")
+            if arf is None:
+                raise ProductError(spectrum.parent / _sibling(spectrum, "SRCARF"), "file not found")
+            arrays = _spectrum_arrays(source, background, arf, rmf, cache)
+        except ProductError as error:
+            quarantine.append(
+                QuarantineRecord(
+                    "preprocess", str(error), obs_id=obs_id, detid=int(row["detid"]), path=error.path
+                )
+            )
+            continue
+        record = _catalogue_scalars(row) | arrays
+        record["spectrum_file"] = spectrum.name
+        record["input_hash"] = input_hash
+        records.append(record)
+    rmf_ids = sorted({record["rmf_id"] for record in records})
+    dropped = {NO_SPECTRUM: missing}
+    metadata = {
+        "input_hash": input_hash,
+        "n_written": len(records),
+        "quarantine": [asdict(record) for record in quarantine],
+        "dropped": dropped,
+        "rmf_ids": rmf_ids,
+        "grid": asdict(config.grid),
+        "version": PREPROCESS_VERSION,
+    }
+    table = _spectra_table(records, config.grid, metadata)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return ObservationResult(obs_id, path, len(records), False, quarantine, dropped, rmf_ids)
+
+
+def _sibling(spectrum: Path, kind: str) -> str:
+    return re.sub("SRSPEC", kind, spectrum.name, flags=re.IGNORECASE)
+
+
+# ---------------------------------------------------------------- responses table and the archive
+
+
+def write_responses(out_dir: Path, cache: ResponseCache) -> Path:
+    """Write (or extend) out_dir/responses.parquet with every RMF the cache has compressed; atomic."""
+    path = Path(out_dir) / RESPONSES_FILE
+    grid = cache.grid
+    matrices = {rmf_id: matrix.ravel() for rmf_id, matrix in cache.responses().items()}
+    if path.exists():
+        existing = pq.read_table(path)
+        same_grid = existing.num_rows and (
+            existing["n_bins"][0].as_py() == grid.n_bins
+            and existing["e_min_kev"][0].as_py() == grid.e_min_kev
+            and existing["e_max_kev"][0].as_py() == grid.e_max_kev
+        )
+        if same_grid:
+            flat = existing["matrix"].combine_chunks().flatten().to_numpy().reshape(existing.num_rows, -1)
+            for rmf_id, matrix in zip(existing["rmf_id"].to_pylist(), flat):
+                matrices.setdefault(rmf_id, matrix)
+    ids = sorted(matrices)
+    values = np.concatenate([matrices[i] for i in ids]).astype(np.float32) if ids else np.zeros(0, np.float32)
+    table = pa.table(
+        {
+            "rmf_id": pa.array(ids, pa.string()),
+            "e_min_kev": pa.array([grid.e_min_kev] * len(ids), pa.float64()),
+            "e_max_kev": pa.array([grid.e_max_kev] * len(ids), pa.float64()),
+            "n_bins": pa.array([grid.n_bins] * len(ids), pa.int32()),
+            "matrix": pa.FixedSizeListArray.from_arrays(pa.array(values), grid.n_bins * grid.n_bins),
+        }
+    )
+    write_parquet_atomic(path, table)
+    return path
+
+
+def reason_category(reason: str) -> str:
+    """The problem part of a quarantine reason with file names and numbers removed, for counting."""
+    problem = reason.split(": ", 1)[1] if ": " in reason else reason
+    return re.sub(r"-?\d+(\.\d+)?(e[-+]?\d+)?", "N", problem)
+
+
+def read_catalogue(archive_dir: Path) -> pd.DataFrame:
+    path = Path(archive_dir) / CATALOGUE_FILE
+    if not path.is_file():
+        raise UserError(f"{path}: no catalogue (is {archive_dir} an archive folder?)")
+    return as_canonical(pd.read_parquet(path))
+
+
+def preprocess_archive(
+    archive_dir: Path, out_dir: Path, config: PreprocessConfig = PreprocessConfig()
+) -> PreprocessSummary:
+    """Select, then preprocess observation by observation (memory flat), then write the run's tables.
+
+    Writes out_dir/spectra/<obs_id>.parquet (unchanged observations skipped), responses.parquet,
+    quarantine.parquet and selection.json; removes per-observation files of observations that no
+    longer have a selected detection, so the folder always loads as this catalogue's dataset.
+    """
+    started = time.perf_counter()
+    archive_dir, out_dir = Path(archive_dir), Path(out_dir)
+    catalogue = read_catalogue(archive_dir)
+    selected, dropped = select_detections(catalogue, config)
+    cache = ResponseCache(config.grid)
+    quarantine: list[QuarantineRecord] = []
+    written = skipped = 0
+    drops: Counter[str] = Counter()
+    obs_ids = []
+    for obs_id, rows in selected.groupby("obs_id", sort=True):
+        result = preprocess_observation(rows, archive_dir, out_dir, config, cache)
+        obs_ids.append(str(obs_id))
+        written += result.n_written
+        skipped += int(result.skipped)
+        quarantine += result.quarantine
+        drops.update(result.dropped)
+    stale = [p for p in (out_dir / SPECTRA_SUBDIR).glob("*.parquet") if p.stem not in set(obs_ids)]
+    for path in stale:
+        path.unlink()
+    if cache.responses() or not (out_dir / RESPONSES_FILE).exists():
+        write_responses(out_dir, cache)
+    write_parquet_atomic(out_dir / QUARANTINE_FILE, quarantine_frame(quarantine))
+    all_dropped = dropped | {NO_SPECTRUM: drops.get(NO_SPECTRUM, 0)}
+    by_reason = dict(Counter(reason_category(record.reason) for record in quarantine))
+    summary = PreprocessSummary(
+        catalogue_rows=len(catalogue),
+        selected=len(selected),
+        dropped=all_dropped,
+        written=written,
+        quarantined=len(quarantine),
+        quarantine_by_reason=by_reason,
+        observations=len(obs_ids),
+        observations_skipped=skipped,
+        stale_removed=len(stale),
+        seconds=time.perf_counter() - started,
+    )
+    selection = asdict(summary) | {"config": asdict(config), "version": PREPROCESS_VERSION}
+    write_json_atomic(out_dir / SELECTION_FILE, selection)
+    return summary
+
+
+# ---------------------------------------------------------------- a user's own spectrum
+
+
+def _explicit_or_linked(
+    explicit: str | Path | None, link: str | None, spectrum: Path, keyword: str, option: str
+) -> Path:
+    if explicit is not None:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ProductError(path, "file not found")
+        return path
+    if not link:
+        raise ProductError(spectrum, f"{keyword} is NONE or absent: pass the file explicitly ({option})")
+    found = _existing(_gz_variants(spectrum.parent / link))
+    if found is None:
+        raise ProductError(
+            spectrum.parent / link, f"file named by {keyword} not found: pass it explicitly ({option})"
+        )
+    return found
+
+
+def spectrum_to_dataset(
+    spectrum_path: str | Path,
+    background_path: str | Path | None = None,
+    arf_path: str | Path | None = None,
+    rmf_path: str | Path | None = None,
+    grid: EnergyGrid = DEFAULT_GRID,
+) -> SpectralDataset:
+    """One user spectrum, preprocessed exactly as in the pipeline, as a one-row SpectralDataset.
+
+    Files not passed are taken from the header links (BACKFILE, ANCRFILE, RESPFILE, relative to the
+    spectrum); a link that is NONE or absent raises ProductError naming the option to pass.
+    """
+    spectrum = Path(spectrum_path)
+    source = read_pha(spectrum)
+    background = _explicit_or_linked(background_path, source.backfile, spectrum, "BACKFILE", "--background")
+    rmf = _explicit_or_linked(rmf_path, source.respfile, spectrum, "RESPFILE", "--rmf")
+    cache = ResponseCache(grid)
+    response = cache.get(rmf)
+    arf: Path | None = None
+    if arf_path is not None or response.area_factor is None:
+        arf = _explicit_or_linked(arf_path, source.ancrfile, spectrum, "ANCRFILE", "--arf")
+    arrays = _spectrum_arrays(source, background, arf, rmf, cache)
+    keywords = source.keywords
+    meta = {
+        "detid": -1,
+        "srcid": -1,
+        "iauname": str(keywords.get("OBJECT", spectrum.stem)),
+        "obs_id": str(keywords.get("OBS_ID", "")),
+        "src_num": -1,
+        "ra": np.nan,
+        "dec": np.nan,
+        "mjd": _date_to_mjd(keywords.get("DATE-OBS")),
+        "pn_filter": str(keywords.get("FILTER", "")),
+        "pn_submode": str(keywords.get("SUBMODE", "")),
+        "spectrum_file": str(spectrum),
+    }
+    meta |= {name: value for name, value in arrays.items() if np.ndim(value) == 0}
+    return SpectralDataset(
+        grid=grid,
+        counts=arrays["counts"][None, :].astype(np.float32),
+        background=arrays["background"][None, :],
+        area_exposure=arrays["area_exposure_cm2_s"][None, :],
+        rmf_index=np.zeros(1, dtype=np.int64),
+        rmf_matrices=response.matrix[None, :, :],
+        rmf_ids=[response.rmf_id],
+        unfolded=arrays["unfolded"][None, :],
+        meta=pd.DataFrame([meta]),
+    )
+
+
+def _date_to_mjd(date_obs: object) -> float:
+    if not date_obs:
+        return float("nan")
+    try:
+        stamp = pd.Timestamp(str(date_obs))
+    except ValueError:
+        return float("nan")
+    return float((stamp - pd.Timestamp("1858-11-17")) / pd.Timedelta(days=1))

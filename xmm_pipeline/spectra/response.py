@@ -1,0 +1,255 @@
+"""Collapse an ARF + RMF onto the energy grid, and fold model spectra (compressed or full resolution).
+
+Definitions (B grid bins with edges G_0 < ... < G_B; fine RMF energy bins i = [lo_i, hi_i] of width w_i;
+channels c with mid energy from EBOUNDS):
+
+    O[i, j]  = |[lo_i, hi_i] ∩ [G_j, G_j+1]| / w_i         share of fine bin i inside grid bin j
+    area_j   = sum_i O[i,j] w_i A_i / sum_i O[i,j] w_i       ARF averaged over grid bin j (cm^2)
+    Rb[i, k] = sum_{c : E_c in channel bin k} M[i, c]        RMF summed into channel bins
+    R[k, j]  = sum_i W[i,j] Rb[i,k] / sum_i W[i,j]           redistribution of model bin j
+
+with weights W[i,j] = O[i,j] w_i ("width", the default: independent of any ARF, so one matrix per
+canned RMF serves every spectrum that names it) or O[i,j] w_i A_i ("area_width": exact for a flat
+photon spectrum within each bin, but tied to one ARF). Expected counts in channel bin k for photon
+fluxes phi_j (photons/cm^2/s integrated over grid bin j) are
+
+    mu_k = sum_j R[k, j] * area_exposure_j * phi_j,   area_exposure_j = area_j * EXPOSURE * AREASCAL.
+
+Photons outside the grid's energy range are not modelled; channels outside it are dropped. On the real
+pn files both weightings reproduce the full-resolution fold far inside 1% (measured figures in
+docs/DATA.md). For a SPECRESP MATRIX (area inside the RMF) the row sums of the matrix are taken as an
+area factor and the rows normalised before binning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import sparse
+
+from xmm_pipeline.errors import ProductError
+from xmm_pipeline.ogip.read import Arf, Rmf, read_rmf
+from xmm_pipeline.spectra.grid import DEFAULT_GRID, EnergyGrid
+
+WEIGHTINGS = ("width", "area_width")
+
+
+def overlap_fractions(
+    energy_lo_kev: np.ndarray, energy_hi_kev: np.ndarray, grid: EnergyGrid
+) -> sparse.csr_matrix:
+    """O[i, j]: the fraction of fine energy bin i that lies inside grid bin j (CSR, [fine, grid])."""
+    edges = grid.edges_kev
+    first = np.clip(np.searchsorted(edges, energy_lo_kev, side="right") - 1, 0, grid.n_bins - 1)
+    last = np.clip(np.searchsorted(edges, energy_hi_kev, side="left") - 1, 0, grid.n_bins - 1)
+    span = np.maximum(last - first + 1, 1)
+    rows = np.repeat(np.arange(len(energy_lo_kev)), span)
+    cols = np.repeat(first, span) + (np.arange(span.sum()) - np.repeat(np.cumsum(span) - span, span))
+    overlap = np.minimum(energy_hi_kev[rows], edges[cols + 1]) - np.maximum(energy_lo_kev[rows], edges[cols])
+    fraction = np.clip(overlap, 0.0, None) / (energy_hi_kev - energy_lo_kev)[rows]
+    keep = fraction > 0
+    shape = (len(energy_lo_kev), grid.n_bins)
+    return sparse.csr_matrix((fraction[keep], (rows[keep], cols[keep])), shape=shape)
+
+
+def bin_average(values: np.ndarray, overlap: sparse.csr_matrix, width_kev: np.ndarray) -> np.ndarray:
+    """Width-weighted mean of a fine-grid quantity over each grid bin; 0 where no fine bin reaches."""
+    weight = overlap.T @ width_kev
+    total = overlap.T @ (width_kev * values)
+    return np.divide(total, weight, out=np.zeros_like(total), where=weight > 0)
+
+
+def channel_bins(rmf: Rmf, grid: EnergyGrid) -> np.ndarray:
+    """Grid bin of each RMF channel by its mid energy (EBOUNDS); -1 outside the grid."""
+    return grid.bin_index(0.5 * (rmf.channel_lo_kev + rmf.channel_hi_kev))
+
+
+def binned_redistribution(rmf: Rmf, grid: EnergyGrid) -> tuple[np.ndarray, np.ndarray]:
+    """(Rb [fine energy, channel bin], row sum of M over all channels [fine energy])."""
+    rows, cols = rmf.element_indices()
+    values = rmf.values.astype(np.float64)
+    row_total = np.bincount(rows, weights=values, minlength=rmf.n_energies)
+    k = channel_bins(rmf, grid)[cols]
+    inside = k >= 0
+    flat = rows[inside] * grid.n_bins + k[inside]
+    binned = np.bincount(flat, weights=values[inside], minlength=rmf.n_energies * grid.n_bins)
+    return binned.reshape(rmf.n_energies, grid.n_bins), row_total
+
+
+def _same_energies(rmf: Rmf, arf: Arf) -> bool:
+    return len(arf.energy_lo_kev) == rmf.n_energies and bool(
+        np.allclose(arf.energy_lo_kev, rmf.energy_lo_kev, rtol=1e-5)
+        and np.allclose(arf.energy_hi_kev, rmf.energy_hi_kev, rtol=1e-5)
+    )
+
+
+def _fine_area(rmf: Rmf, arf: Arf | None, row_total: np.ndarray) -> np.ndarray:
+    """Effective area on the RMF's energy bins: ARF x (matrix row sums for a SPECRESP MATRIX)."""
+    if arf is None:
+        if not rmf.includes_area:
+            raise ProductError(rmf.path, "RMF is a pure redistribution matrix: an ARF is needed")
+        return row_total
+    if not _same_energies(rmf, arf):
+        raise ProductError(
+            arf.path, f"ARF energy bins ({len(arf.energy_lo_kev)}) differ from the RMF's ({rmf.n_energies})"
+        )
+    return arf.area_cm2 * row_total if rmf.includes_area else arf.area_cm2
+
+
+def compress_response(
+    rmf: Rmf, arf: Arf | None, grid: EnergyGrid = DEFAULT_GRID, weighting: str = "width"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(area per model bin in cm^2 [B], redistribution matrix R [k, j] [B, B]) as defined above."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    width = rmf.energy_hi_kev - rmf.energy_lo_kev
+    overlap = overlap_fractions(rmf.energy_lo_kev, rmf.energy_hi_kev, grid)
+    binned, row_total = binned_redistribution(rmf, grid)
+    area_fine = _fine_area(rmf, arf, row_total)
+    if rmf.includes_area:
+        binned = np.divide(
+            binned, row_total[:, None], out=np.zeros_like(binned), where=row_total[:, None] > 0
+        )
+    weight_fine = width * area_fine if weighting == "area_width" else width
+    matrix = _redistribution(binned, overlap, weight_fine)
+    return bin_average(area_fine, overlap, width), matrix
+
+
+def _redistribution(binned: np.ndarray, overlap: sparse.csr_matrix, weight_fine: np.ndarray) -> np.ndarray:
+    weights = overlap.multiply(weight_fine[:, None]).tocsc()  # [fine, j]
+    norm = np.asarray(weights.sum(axis=0)).ravel()
+    summed = np.asarray(weights.T @ binned).T  # [k, j]
+    return np.divide(summed, norm[None, :], out=np.zeros_like(summed), where=norm[None, :] > 0)
+
+
+def fold_full(
+    rmf: Rmf, arf: Arf | None, exposure_s: float, photon_flux_per_energy_bin: np.ndarray
+) -> np.ndarray:
+    """Reference fold at full resolution: expected counts per RMF channel.
+
+    `photon_flux_per_energy_bin` is photons/cm^2/s integrated over each RMF energy bin.
+    """
+    matrix = rmf.to_csr()
+    row_total = np.asarray(matrix.sum(axis=1)).ravel()
+    area = _fine_area(rmf, arf, row_total)
+    if rmf.includes_area:
+        matrix = (
+            sparse.diags(np.divide(1.0, row_total, out=np.zeros_like(row_total), where=row_total > 0))
+            @ matrix
+        )
+    return np.asarray(matrix.T @ (photon_flux_per_energy_bin * area * exposure_s)).ravel()
+
+
+def sum_into_bins(counts_per_channel: np.ndarray, channel_bin: np.ndarray, n_bins: int) -> np.ndarray:
+    inside = channel_bin >= 0
+    return np.bincount(channel_bin[inside], weights=counts_per_channel[inside], minlength=n_bins)
+
+
+def fold_compressed(
+    area_exposure_cm2_s: np.ndarray, matrix: np.ndarray, photon_flux_per_bin: np.ndarray
+) -> np.ndarray:
+    """Expected counts per channel bin: mu_k = sum_j R[k, j] area_exposure_j phi_j."""
+    return matrix @ (area_exposure_cm2_s * photon_flux_per_bin)
+
+
+@dataclass(frozen=True)
+class CompressedRmf:
+    """One RMF collapsed onto the grid, plus what is needed to bin spectra and ARFs that use it."""
+
+    rmf_id: str
+    path: Path
+    matrix: np.ndarray  # float32 [k, j]
+    channel: np.ndarray  # channel numbers (EBOUNDS), to index PHA channels
+    channel_bin: np.ndarray  # grid bin of each channel, -1 outside
+    energy_lo_kev: np.ndarray
+    energy_hi_kev: np.ndarray
+    overlap: sparse.csr_matrix  # [fine energy, grid bin]
+    area_factor: np.ndarray | None  # SPECRESP MATRIX row sums on the fine energies, else None
+
+    @property
+    def n_channels(self) -> int:
+        return len(self.channel)
+
+
+def rmf_identifier(path: Path, matrix: np.ndarray, grid: EnergyGrid) -> str:
+    """Readable and content-keyed: file stem plus a hash of the compressed matrix and grid."""
+    name = path.name
+    for suffix in (".gz", ".FTZ", ".ftz", ".rmf", ".RMF", ".fits", ".FITS", ".fit", ".FIT"):
+        name = name.removesuffix(suffix)
+    digest = hashlib.sha256(matrix.astype(np.float32).tobytes())
+    digest.update(f"{grid.e_min_kev}:{grid.e_max_kev}:{grid.n_bins}".encode())
+    return f"{name}-{digest.hexdigest()[:10]}"
+
+
+def compress_rmf(rmf: Rmf, grid: EnergyGrid) -> CompressedRmf:
+    """The ARF-independent part of the response (width-weighted redistribution)."""
+    width = rmf.energy_hi_kev - rmf.energy_lo_kev
+    overlap = overlap_fractions(rmf.energy_lo_kev, rmf.energy_hi_kev, grid)
+    binned, row_total = binned_redistribution(rmf, grid)
+    if rmf.includes_area:
+        binned = np.divide(
+            binned, row_total[:, None], out=np.zeros_like(binned), where=row_total[:, None] > 0
+        )
+    matrix = _redistribution(binned, overlap, width).astype(np.float32)
+    return CompressedRmf(
+        rmf_id=rmf_identifier(rmf.path, matrix, grid),
+        path=rmf.path,
+        matrix=matrix,
+        channel=rmf.channel,
+        channel_bin=channel_bins(rmf, grid),
+        energy_lo_kev=rmf.energy_lo_kev,
+        energy_hi_kev=rmf.energy_hi_kev,
+        overlap=overlap,
+        area_factor=row_total if rmf.includes_area else None,
+    )
+
+
+class ResponseCache:
+    """Reads and compresses each RMF once per run (keyed by resolved path; ids keyed by content).
+
+    Also caches the overlap operator of each ARF energy grid, so averaging an ARF over the grid costs
+    one sparse product per spectrum.
+    """
+
+    def __init__(self, grid: EnergyGrid = DEFAULT_GRID) -> None:
+        self.grid = grid
+        self.rmf_reads = 0
+        self._by_path: dict[str, CompressedRmf] = {}
+        self._by_id: dict[str, CompressedRmf] = {}
+        self._overlaps: dict[bytes, sparse.csr_matrix] = {}
+
+    def get(self, rmf_path: str | Path) -> CompressedRmf:
+        key = str(Path(rmf_path).resolve())
+        entry = self._by_path.get(key)
+        if entry is None:
+            entry = compress_rmf(read_rmf(rmf_path), self.grid)
+            self.rmf_reads += 1
+            self._by_path[key] = entry
+            self._by_id.setdefault(entry.rmf_id, entry)
+        return entry
+
+    def area_per_bin(self, arf: Arf | None, response: CompressedRmf) -> np.ndarray:
+        """ARF (x SPECRESP MATRIX area) averaged over each model bin, cm^2."""
+        if response.area_factor is not None:
+            fine = response.area_factor
+            if arf is not None:
+                if len(arf.energy_lo_kev) != len(fine) or not np.allclose(
+                    arf.energy_lo_kev, response.energy_lo_kev
+                ):
+                    raise ProductError(arf.path, "ARF energy bins differ from the SPECRESP MATRIX's")
+                fine = fine * arf.area_cm2
+            return bin_average(fine, response.overlap, response.energy_hi_kev - response.energy_lo_kev)
+        if arf is None:
+            raise ProductError(response.path, "RMF is a pure redistribution matrix: an ARF is needed")
+        key = arf.energy_lo_kev.tobytes() + arf.energy_hi_kev.tobytes()
+        overlap = self._overlaps.get(key)
+        if overlap is None:
+            overlap = overlap_fractions(arf.energy_lo_kev, arf.energy_hi_kev, self.grid)
+            self._overlaps[key] = overlap
+        return bin_average(arf.area_cm2, overlap, arf.energy_hi_kev - arf.energy_lo_kev)
+
+    def responses(self) -> dict[str, np.ndarray]:
+        """rmf_id -> float32 matrix [k, j] of every RMF seen in this run."""
+        return {rmf_id: entry.matrix for rmf_id, entry in self._by_id.items()}
