@@ -1,0 +1,115 @@
+"""The compressed response against the full-resolution fold, on the real pn responses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from xmm_pipeline.errors import ProductError
+from xmm_pipeline.ogip.read import read_arf, read_rmf
+from xmm_pipeline.spectra.grid import DEFAULT_GRID, EnergyGrid
+from xmm_pipeline.spectra.response import (
+    WEIGHTINGS,
+    ResponseCache,
+    channel_bins,
+    compress_response,
+    fold_compressed,
+    fold_full,
+    overlap_fractions,
+    sum_into_bins,
+)
+
+REAL_RESPONSES = {
+    "ngc7793_p13": ("PN.rmf", "PN.arf", 20266.0),
+    "igr_j18490": ("PN_PWN.rmf", "PN_PWN.arf", 8775.0),
+}
+
+
+def integrate(density, lo_kev: np.ndarray, hi_kev: np.ndarray, order: int = 8) -> np.ndarray:
+    """Photons per bin: Gauss-Legendre integral of a photon density over each [lo, hi]."""
+    x, w = np.polynomial.legendre.leggauss(order)
+    mid, half = 0.5 * (lo_kev + hi_kev), 0.5 * (hi_kev - lo_kev)
+    return (density(mid[:, None] + half[:, None] * x[None, :]) * w[None, :]).sum(axis=1) * half
+
+
+def absorbed_power_law(energy_kev: np.ndarray) -> np.ndarray:
+    """Photon index 1.9 behind N_H = 3e21 cm^-2 (cross-section ~ 2e-22 E^-8/3 cm^2)."""
+    return energy_kev**-1.9 * np.exp(-3e21 * 2.0e-22 * energy_kev ** (-8 / 3))
+
+
+def blackbody_100ev(energy_kev: np.ndarray) -> np.ndarray:
+    return energy_kev**2 / np.expm1(energy_kev / 0.1)
+
+
+@pytest.fixture(scope="module")
+def real_responses(real_pn_dir: Path) -> dict:
+    return {
+        name: (read_rmf(real_pn_dir / name / rmf), read_arf(real_pn_dir / name / arf), exposure)
+        for name, (rmf, arf, exposure) in REAL_RESPONSES.items()
+    }
+
+
+@pytest.mark.parametrize("weighting", WEIGHTINGS)
+@pytest.mark.parametrize("model", [absorbed_power_law, blackbody_100ev])
+@pytest.mark.parametrize("name", sorted(REAL_RESPONSES))
+def test_compressed_fold_matches_full_resolution(
+    real_responses: dict, name: str, model, weighting: str
+) -> None:
+    rmf, arf, exposure = real_responses[name]
+    grid = DEFAULT_GRID
+    area, matrix = compress_response(rmf, arf, grid, weighting)
+    full = sum_into_bins(
+        fold_full(rmf, arf, exposure, integrate(model, rmf.energy_lo_kev, rmf.energy_hi_kev)),
+        channel_bins(rmf, grid),
+        grid.n_bins,
+    )
+    compressed = fold_compressed(
+        area * exposure, matrix, integrate(model, grid.edges_kev[:-1], grid.edges_kev[1:])
+    )
+    scale = 2e4 / full.sum()  # a bright spectrum: 20,000 counts in the band
+    full, compressed = full * scale, compressed * scale
+    checked = (full > 1) & (grid.centres_kev > 0.5) & (grid.centres_kev < 9)
+    assert checked.sum() > 60
+    relative = np.abs(compressed[checked] / full[checked] - 1)
+    assert relative.max() < 0.01, f"worst bin {grid.centres_kev[checked][relative.argmax()]:.2f} keV"
+
+
+def test_overlap_fractions_partition_each_fine_bin() -> None:
+    grid = EnergyGrid(0.3, 10.0, 50)
+    lo = np.arange(0.05, 12.0, 0.013)
+    overlap = overlap_fractions(lo, lo + 0.013, grid)
+    total = np.asarray(overlap.sum(axis=1)).ravel()
+    inside = (lo >= 0.3) & (lo + 0.013 <= 10.0)
+    np.testing.assert_allclose(total[inside], 1.0)
+    assert np.all(total[(lo + 0.013 <= 0.3) | (lo >= 10.0)] == 0)
+    straddling = np.searchsorted(lo, 0.3) - 1
+    assert 0 < total[straddling] < 1
+
+
+def test_cache_reads_each_rmf_once_and_ids_follow_content(real_pn_dir: Path, tmp_path: Path) -> None:
+    canned = real_pn_dir / "canned" / "epn_e3_ff20_sdY9_v19.0.rmf"
+    copy = tmp_path / "epn_e3_ff20_sdY9_v21.0.rmf"
+    copy.write_bytes(canned.read_bytes())
+    cache = ResponseCache()
+    first = cache.get(canned)
+    assert cache.get(canned) is first
+    second = cache.get(copy)
+    assert cache.rmf_reads == 2
+    assert first.rmf_id.startswith("epn_e3_ff20_sdY9_v19.0-")
+    assert first.rmf_id.split("-")[-1] == second.rmf_id.split("-")[-1]  # same matrix, same content hash
+    assert first.matrix.shape == (238, 238) and first.matrix.dtype == np.float32
+    columns = first.matrix.sum(axis=0)
+    centres = DEFAULT_GRID.centres_kev
+    assert np.all(columns <= 1.0 + 1e-4)
+    assert np.all(columns[(centres > 2.5) & (centres < 9.5)] > 0.99)  # hard photons stay in the band
+    assert 0.05 < columns[0] < 0.6  # the soft shoulder sends many 0.3 keV photons below the band
+    area = cache.area_per_bin(read_arf(real_pn_dir / "canned" / "pn_thin_onaxis.arf"), first)
+    assert area[np.argmin(np.abs(DEFAULT_GRID.centres_kev - 1.5))] == pytest.approx(1383, rel=0.05)
+
+
+def test_pure_redistribution_needs_an_arf(real_responses: dict) -> None:
+    rmf, _, _ = real_responses["igr_j18490"]
+    with pytest.raises(ProductError, match="ARF is needed"):
+        compress_response(rmf, None)
