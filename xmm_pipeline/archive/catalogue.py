@@ -162,15 +162,16 @@ def canonical_from_5xmm(
     frame = frame[FIVEXMM_COLUMNS].copy()
     n_obs = _nullable_number(frame["n_obs"])
     srcnum = _nullable_number(frame["pps_srcnum"])
-    obs_id = frame["obs_id"].astype("string").str.strip()
-    is_summary = n_obs.fillna(0) > 0
-    is_detection = ~is_summary & srcnum.notna() & obs_id.notna() & (obs_id != "")
+    obs_id = frame["obs_id"].astype("string").str.strip().fillna("")
+    is_summary = (n_obs.fillna(0) > 0).to_numpy(dtype=bool)
+    is_detection = ~is_summary & srcnum.notna().to_numpy(dtype=bool) & (obs_id != "").to_numpy(dtype=bool)
 
     summary = frame[is_summary].drop_duplicates("srcid").set_index("srcid")
     rows = frame[is_detection].copy()
     for name in FIVEXMM_SOURCE_LEVEL:
         from_summary = rows["srcid"].map(summary[name])
-        blank = rows[name].isna() | (rows[name].astype(str).str.strip() == "")
+        text = rows[name].astype(str).str.strip()
+        blank = rows[name].isna().to_numpy(dtype=bool) | (text == "").to_numpy(dtype=bool)
         rows[name] = rows[name].where(~blank, from_summary)
 
     rows["obs_id"] = obs_id[is_detection].str.zfill(10)

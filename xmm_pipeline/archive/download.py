@@ -20,6 +20,7 @@ import re
 import tarfile
 import threading
 import time
+import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from typing import IO
 
 import requests
 from astropy.io import fits
+from astropy.io.fits.verify import VerifyWarning
 
 from xmm_pipeline.errors import ProductError
 from xmm_pipeline.storage import atomic_path
@@ -171,14 +173,17 @@ def read_verified_fits(path: Path, required_hdus: tuple[str, ...], any_of: bool 
         except (OSError, EOFError, zlib.error) as error:
             raise ProductError(path, f"gzip stream is corrupt or truncated ({error})") from error
     try:
-        with fits.open(io.BytesIO(raw), lazy_load_hdus=False) as hdus:
-            names = [h.name.upper() for h in hdus]
-            wanted = [n for n in required_hdus if n in names]
-            if not wanted or (not any_of and len(wanted) != len(required_hdus)):
-                raise ProductError(path, f"missing HDU {' or '.join(required_hdus)} (has {', '.join(names)})")
-            for name in wanted:
-                _ = hdus[name].data
-            return hdus[wanted[0]].header.copy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", VerifyWarning)
+            with fits.open(io.BytesIO(raw), lazy_load_hdus=False) as hdus:
+                names = [h.name.upper() for h in hdus]
+                wanted = [n for n in required_hdus if n in names]
+                if not wanted or (not any_of and len(wanted) != len(required_hdus)):
+                    have = ", ".join(names)
+                    raise ProductError(path, f"missing HDU {' or '.join(required_hdus)} (has {have})")
+                for name in wanted:
+                    _ = hdus[name].data
+                return hdus[wanted[0]].header.copy()
     except ProductError:
         raise
     except Exception as error:

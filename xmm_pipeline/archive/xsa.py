@@ -523,19 +523,21 @@ class XSAArchive(Archive):
     def _fetch_responses(
         self, respfiles: dict[str, list[str]], pool: ThreadPoolExecutor
     ) -> list[QuarantineRecord]:
-        """Each canned RMF once, into root/responses/PN under the name RESPFILE gives."""
+        """Each canned RMF once, into root/responses/PN as the calibration site names it (<stem>_v21.0.rmf);
+        one already there under that name or the bare RESPFILE name is not fetched again."""
         target_dir = self.responses_dir()
         target_dir.mkdir(parents=True, exist_ok=True)
 
         def fetch(name: str) -> QuarantineRecord | None:
-            final = target_dir / name
-            if final.is_file():
-                return None
             url = self.rmf_url + _versioned_rmf_name(name)
+            if not RMF_NAME_PATTERN.match(name):
+                return QuarantineRecord("download", f"RESPFILE {name!r} is not a plain .rmf file name",
+                                        respfiles[name][0], -1, "")
+            final = target_dir / _versioned_rmf_name(name)
+            if final.is_file() or (target_dir / name).is_file():
+                return None
             tmp = self.root / PARTIAL_DIR / f"rmf-{name}"
             try:
-                if not RMF_NAME_PATTERN.match(name):
-                    raise ProductError(name, "RESPFILE is not a plain .rmf file name")
                 download_to_file(url, tmp, self.policy, self.stats)
                 verify_rmf(tmp)
                 tmp.replace(final)
