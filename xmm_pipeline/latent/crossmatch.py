@@ -234,3 +234,17 @@ def source_classes(
     table["class"] = UNKNOWN
     table["source"] = "none"
     return table
+
+
+def classes_for_archive(
+    archive: object,
+    detections: pd.DataFrame,
+    tap_url: str = SIMBAD_TAP_URL,
+    radius_arcsec: float = 5.0,
+) -> pd.DataFrame:
+    """Classes for an archive's detections (detid, srcid, ra, dec): its truth table when it has one
+    (the simulated archive), otherwise SIMBAD over TAP at `tap_url` (the real archive)."""
+    root = Path(getattr(archive, "root", archive))
+    if (root / TRUTH_FILE).is_file():
+        return source_classes(detections, archive_dir=root)
+    return classes_from_simbad(detections, tap_url=tap_url, radius_arcsec=radius_arcsec)

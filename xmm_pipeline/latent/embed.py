@@ -23,7 +23,7 @@ from xmm_pipeline.storage import write_parquet_atomic
 REQUIRED_META = ("detid", "srcid", "mjd")
 IDENTITY_COLUMNS = (
     "detid", "srcid", "iauname", "obs_id", "src_num", "ra", "dec", "mjd", "pn_filter", "exposure_s",
-    "pn_8_cts", "net_counts", "ep_hr1", "ep_hr2", "ep_hr3", "ep_hr4",
+    "pn_8_cts", "net_counts", "total_counts", "log10_flux", "ep_hr1", "ep_hr2", "ep_hr3", "ep_hr4",
 )
 _LATENT_NAME = re.compile(r"^z(\d+)$")
 

@@ -1,0 +1,296 @@
+"""`xmm-pipeline embed | similar | outliers | trajectory | show | evaluate`: the latent products.
+
+Every command reads or writes the latent folder laid out by `xmm_pipeline.latent.build`
+(default results/latent, the demo's storage root). Errors a user can fix (unknown target, missing
+index, malformed spectrum) end as one line and exit status 2, with nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+DEFAULT_LATENT = "results/latent"
+IAU_NAME = re.compile(r"^\s*(\d?XMM)\s*J\s*(\d{6}\.\d[+-]\d{6})\s*$", re.IGNORECASE)
+
+
+def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    if name == "embed":
+        parser.add_argument("--spectra", required=True, help="preprocessed spectra folder")
+        parser.add_argument("--model", required=True, help="trained model artifact folder")
+        parser.add_argument("--out", default=DEFAULT_LATENT, help="latent folder to write")
+        parser.add_argument("--archive", help="archive folder; its truth.parquet gives the classes")
+        parser.add_argument("--simbad-url", help="cross-match classes with SIMBAD at this TAP URL")
+        parser.add_argument("--radius", type=float, default=5.0, help="SIMBAD cone radius, arcsec")
+        parser.add_argument("--force", action="store_true", help="rebuild even if the inputs are unchanged")
+        return
+    if name == "evaluate":
+        parser.add_argument("--archive", required=True, help="simulated archive folder (truth.parquet)")
+        parser.add_argument("--spectra", required=True, help="preprocessed spectra folder")
+        parser.add_argument("--model", required=True, help="trained model artifact folder")
+        parser.add_argument("--out", default="docs", help="folder for EVALUATION.md and images/")
+        parser.add_argument("--latent-dims", default="2,4,8",
+                            help="latent dimensions to retrain and compare, comma-separated (default 2,4,8)")
+        parser.add_argument("--skip-latent-dims", action="store_true",
+                            help="skip retraining for the latent-dimension comparison")
+        parser.add_argument("--epochs", type=int, default=60, help="max epochs per comparison model")
+        return
+    parser.add_argument("--latent", default=DEFAULT_LATENT, help=f"latent folder (default {DEFAULT_LATENT})")
+    if name == "similar":
+        parser.add_argument("target", nargs="?", help="IAU name (4XMM J192719.5+653354), srcid or detid")
+        parser.add_argument("-k", type=int, default=20, help="neighbours per query detection (default 20)")
+        parser.add_argument("--spectrum", help="a pn source spectrum (OGIP PHA) to use as the query")
+        parser.add_argument("--background", help="its background spectrum (default: BACKFILE)")
+        parser.add_argument("--arf", help="its ARF (default: ANCRFILE)")
+        parser.add_argument("--rmf", help="its RMF (default: RESPFILE)")
+        parser.add_argument("--model", help="model artifact for --spectrum (default: the one embed used)")
+        parser.add_argument("--include-same-source", action="store_true",
+                            help="keep the target source's other detections among the neighbours")
+        _add_format(parser)
+    elif name == "outliers":
+        parser.add_argument("-n", type=int, default=50, help="how many (default 50)")
+        _add_format(parser)
+    elif name == "trajectory":
+        parser.add_argument("srcid", help="source id (or IAU name)")
+        parser.add_argument("--plot", help="write the path over the latent map to this PNG")
+        _add_format(parser)
+    elif name == "show":
+        parser.add_argument("detid", type=int, help="detection id")
+        parser.add_argument("--plot", required=True, help="PNG to write: the spectrum and its reconstruction")
+        parser.add_argument("--spectra", help="spectra folder (default: the one embed used)")
+        parser.add_argument("--model", help="model artifact (default: the one embed used)")
+
+
+def _add_format(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format")
+
+
+def run(args: argparse.Namespace) -> int:
+    handlers = {"embed": _embed, "similar": _similar, "outliers": _outliers, "trajectory": _trajectory,
+                "show": _show, "evaluate": _evaluate}
+    return handlers[args.command](args)
+
+
+def _print(frame, fmt: str) -> None:
+    if fmt == "csv":
+        frame.to_csv(sys.stdout, index=False)
+    elif fmt == "json":
+        sys.stdout.write(frame.to_json(orient="records", indent=1) + "\n")
+    else:
+        sys.stdout.write((frame.to_string(index=False, float_format=lambda v: f"{v:.4g}") if len(frame)
+                          else "(none)") + "\n")
+
+
+def _obs_date(mjd):
+    import pandas as pd
+
+    stamps = pd.Timestamp("1858-11-17") + pd.to_timedelta(pd.Series(mjd, dtype="float64"), unit="D")
+    return stamps.dt.strftime("%Y-%m-%d").fillna("")
+
+
+def _counts_column(frame) -> str | None:
+    return next((c for c in ("net_counts", "pn_8_cts", "total_counts") if c in frame), None)
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from xmm_pipeline.latent.build import embed_and_build
+
+    summary = embed_and_build(args.spectra, args.model, args.out, archive_dir=args.archive,
+                              tap_url=args.simbad_url, radius_arcsec=args.radius, force=args.force)
+    state = "up to date, nothing to do" if summary.skipped else "written"
+    print(f"{summary.n_detections} detections embedded with model {summary.model_version}: {state}")
+    for label, path in summary.written.items():
+        print(f"  {label:18s} {path}")
+    return 0
+
+
+def resolve_target(embeddings, target: str):
+    """Rows of the embeddings table a TARGET names: an IAU name, a detid, or a srcid (in that order)."""
+    from xmm_pipeline.errors import UserError
+
+    text = str(target).strip()
+    match = IAU_NAME.match(text)
+    if match:
+        wanted = f"{match[1].upper()} J{match[2]}"
+        rows = embeddings[embeddings["iauname"].astype(str).str.strip().str.upper() == wanted.upper()]
+        if rows.empty:
+            raise UserError(f"no detection of {wanted} in the embeddings")
+        return rows
+    if not re.fullmatch(r"\d{1,19}", text):
+        raise UserError(f"target {text!r} is neither an IAU name (e.g. '4XMM J192719.5+653354'), "
+                        "a srcid nor a detid")
+    number = int(text)
+    rows = embeddings[embeddings["detid"] == number]
+    if rows.empty:
+        rows = embeddings[embeddings["srcid"] == number]
+    if rows.empty:
+        raise UserError(f"no detection or source with id {number} in the embeddings")
+    return rows
+
+
+def _neighbour_table(embeddings, classes, latent_index, query_vectors, query_labels, exclude, k: int):
+    """Per query: its k nearest detections (excluding the `exclude` detids) as one table."""
+    import numpy as np
+    import pandas as pd
+
+    by_detid = embeddings.set_index("detid")
+    class_of = classes.set_index("detid")["class"] if classes is not None else pd.Series(dtype=str)
+    distances, ids = latent_index.search(query_vectors, min(k + len(exclude), latent_index.info.n_vectors))
+    counts = _counts_column(embeddings)
+    parts = []
+    for label, row_distances, row_ids in zip(query_labels, distances, ids):
+        keep = (row_ids >= 0) & ~np.isin(row_ids, list(exclude))
+        hit_ids, hit_distances = row_ids[keep][:k], row_distances[keep][:k]
+        hits = by_detid.loc[hit_ids]
+        part = pd.DataFrame({
+            "query": label,
+            "rank": np.arange(1, len(hit_ids) + 1),
+            "neighbour": hits["iauname"].to_numpy() if "iauname" in hits else hit_ids,
+            "detid": hit_ids,
+            "srcid": hits["srcid"].to_numpy(),
+            "distance": hit_distances,
+            "class": class_of.reindex(hit_ids).fillna("unknown").to_numpy(),
+            "obs_date": _obs_date(hits["mjd"].to_numpy()).to_numpy(),
+        })
+        if counts:
+            part["counts"] = hits[counts].to_numpy()
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True)
+
+
+def _similar(args: argparse.Namespace) -> int:
+    from xmm_pipeline.errors import UserError
+    from xmm_pipeline.latent.build import LatentLayout
+
+    if args.k < 1:
+        raise UserError(f"-k must be >= 1, got {args.k}")
+    if (args.target is None) == (args.spectrum is None):
+        raise UserError("give either a TARGET (IAU name, srcid, detid) or --spectrum FILE")
+    layout = LatentLayout(Path(args.latent))
+    embeddings = layout.read_embeddings()
+    latent_index = layout.load_index()
+    classes = layout.read_classes()
+    if args.spectrum is not None:
+        vectors, labels = _encode_user_spectrum(args, layout)
+        exclude: set[int] = set()
+    else:
+        from xmm_pipeline.latent.embed import latent_matrix
+
+        rows = resolve_target(embeddings, args.target).sort_values("mjd")
+        vectors = latent_matrix(rows)
+        labels = [f"{d} ({s})" for d, s in zip(rows["detid"], _obs_date(rows["mjd"].to_numpy()))]
+        same = embeddings["srcid"].isin(rows["srcid"]) if not args.include_same_source else rows["detid"] > 0
+        exclude = set(embeddings.loc[same, "detid"].tolist()) | set(rows["detid"].tolist())
+    _print(_neighbour_table(embeddings, classes, latent_index, vectors, labels, exclude, args.k), args.format)
+    return 0
+
+
+def _encode_user_spectrum(args: argparse.Namespace, layout):
+    from xmm_pipeline.errors import UserError
+    from xmm_pipeline.model.train import load_artifact
+    from xmm_pipeline.spectra.preprocess import spectrum_to_dataset
+
+    model_dir = args.model or layout.read_manifest().get("model_dir")
+    if not model_dir:
+        raise UserError("--spectrum needs --model (no model recorded in the latent folder's manifest)")
+    artifact = load_artifact(model_dir)
+    if not Path(args.spectrum).is_file():
+        raise UserError(f"spectrum file not found: {args.spectrum}")
+    dataset = spectrum_to_dataset(args.spectrum, args.background, args.arf, args.rmf, grid=artifact.grid)
+    mu, _ = artifact.encode(dataset)
+    return mu, [Path(args.spectrum).name]
+
+
+def _outliers(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from xmm_pipeline.errors import UserError
+    from xmm_pipeline.latent.build import LatentLayout
+
+    layout = LatentLayout(Path(args.latent))
+    if not layout.outliers.is_file():
+        raise UserError(f"{layout.outliers}: no outlier scores; run `xmm-pipeline embed` first")
+    if args.n < 1:
+        raise UserError(f"-n must be >= 1, got {args.n}")
+    frame = pd.read_parquet(layout.outliers).head(args.n)
+    classes = layout.read_classes()
+    if classes is not None:
+        frame["class"] = frame["detid"].map(classes.set_index("detid")["class"]).fillna("unknown")
+    if "mjd" in frame:
+        frame.insert(frame.columns.get_loc("mjd"), "obs_date", _obs_date(frame["mjd"].to_numpy()).to_numpy())
+        frame = frame.drop(columns="mjd")
+    _print(frame, args.format)
+    return 0
+
+
+def _trajectory(args: argparse.Namespace) -> int:
+    from xmm_pipeline.errors import UserError
+    from xmm_pipeline.latent.build import LatentLayout
+    from xmm_pipeline.latent.embed import latent_columns
+    from xmm_pipeline.latent.products import plot_trajectories, trajectory_points
+
+    layout = LatentLayout(Path(args.latent))
+    embeddings = layout.read_embeddings()
+    srcids = resolve_target(embeddings, args.srcid)["srcid"].unique()
+    if len(srcids) != 1:
+        raise UserError(f"{args.srcid} names {len(srcids)} sources; give one srcid")
+    points = trajectory_points(embeddings, int(srcids[0]))
+    columns = ["detid", "obs_id", "mjd", *latent_columns(points), "step", "cumulative_path",
+               "deviance_per_dof"]
+    table = points[[c for c in columns if c in points]].copy()
+    table.insert(2, "obs_date", _obs_date(table["mjd"].to_numpy()).to_numpy())
+    if args.plot:
+        plot_trajectories(embeddings, [int(srcids[0])], args.plot, layout.read_classes())
+    _print(table, args.format)
+    if args.plot:
+        print(f"plot written to {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from xmm_pipeline.errors import UserError
+    from xmm_pipeline.latent.build import LatentLayout
+    from xmm_pipeline.latent.products import plot_reconstruction
+    from xmm_pipeline.model.train import load_artifact
+    from xmm_pipeline.spectra.dataset import load_dataset
+
+    layout = LatentLayout(Path(args.latent))
+    manifest = layout.read_manifest()
+    spectra_dir = args.spectra or manifest.get("spectra_dir")
+    model_dir = args.model or manifest.get("model_dir")
+    if not spectra_dir or not model_dir:
+        raise UserError("show needs --spectra and --model (none recorded in the latent folder's manifest)")
+    embeddings = layout.read_embeddings()
+    row = embeddings[embeddings["detid"] == args.detid]
+    if row.empty:
+        raise UserError(f"no detection {args.detid} in the embeddings")
+    dataset = load_dataset(spectra_dir, obs_ids=[str(row["obs_id"].iloc[0])])
+    matches = (dataset.meta["detid"] == args.detid).to_numpy().nonzero()[0]
+    if len(matches) == 0:
+        raise UserError(f"detection {args.detid} not found in {spectra_dir}")
+    one = dataset.subset(matches[:1])
+    artifact = load_artifact(model_dir)
+    expected = artifact.reconstruct(one)[0]
+    deviance = float(artifact.deviance_per_dof(one)[0])
+    name = str(one.meta["iauname"].iloc[0]) if "iauname" in one.meta else str(args.detid)
+    title = f"{name}  detid {args.detid}  obs {row['obs_id'].iloc[0]}  deviance/dof {deviance:.2f}"
+    plot_reconstruction(one.grid.edges_kev, one.counts[0], one.background[0], expected, args.plot, title)
+    print(f"{title}\nplot written to {args.plot}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from xmm_pipeline.errors import UserError
+    from xmm_pipeline.latent.evaluate import write_evaluation_report
+
+    try:
+        dims = [] if args.skip_latent_dims else [int(d) for d in args.latent_dims.split(",") if d.strip()]
+    except ValueError as error:
+        raise UserError(f"--latent-dims must be integers separated by commas, got {args.latent_dims!r}") \
+            from error
+    report = write_evaluation_report(args.archive, args.spectra, args.model, args.out, latent_dims=dims,
+                                     max_epochs=args.epochs)
+    print(f"evaluation written to {report}")
+    return 0
