@@ -131,17 +131,18 @@ def resolve_target(embeddings, target: str):
 
 
 def _neighbour_table(embeddings, classes, latent_index, query_vectors, query_labels, exclude, k: int):
-    """Per query: its k nearest detections (excluding the `exclude` detids) as one table."""
+    """Per query: its k nearest detections, leaving out that query's `exclude` detids, as one table."""
     import numpy as np
     import pandas as pd
 
     by_detid = embeddings.set_index("detid")
     class_of = classes.set_index("detid")["class"] if classes is not None else pd.Series(dtype=str)
-    distances, ids = latent_index.search(query_vectors, min(k + len(exclude), latent_index.info.n_vectors))
+    widest = max((len(e) for e in exclude), default=0)
+    distances, ids = latent_index.search(query_vectors, min(k + widest, latent_index.info.n_vectors))
     counts = _counts_column(embeddings)
     parts = []
-    for label, row_distances, row_ids in zip(query_labels, distances, ids):
-        keep = (row_ids >= 0) & ~np.isin(row_ids, list(exclude))
+    for label, row_distances, row_ids, left_out in zip(query_labels, distances, ids, exclude):
+        keep = (row_ids >= 0) & ~np.isin(row_ids, list(left_out))
         hit_ids, hit_distances = row_ids[keep][:k], row_distances[keep][:k]
         hits = by_detid.loc[hit_ids]
         part = pd.DataFrame({
@@ -174,15 +175,18 @@ def _similar(args: argparse.Namespace) -> int:
     classes = layout.read_classes()
     if args.spectrum is not None:
         vectors, labels = _encode_user_spectrum(args, layout)
-        exclude: set[int] = set()
+        exclude: list[set[int]] = [set()]
     else:
         from xmm_pipeline.latent.embed import latent_matrix
 
         rows = resolve_target(embeddings, args.target).sort_values("mjd")
         vectors = latent_matrix(rows)
         labels = [f"{d} ({s})" for d, s in zip(rows["detid"], _obs_date(rows["mjd"].to_numpy()))]
-        same = embeddings["srcid"].isin(rows["srcid"]) if not args.include_same_source else rows["detid"] > 0
-        exclude = set(embeddings.loc[same, "detid"].tolist()) | set(rows["detid"].tolist())
+        if args.include_same_source:
+            exclude = [{int(d)} for d in rows["detid"]]
+        else:
+            same_source = set(embeddings.loc[embeddings["srcid"].isin(rows["srcid"]), "detid"].tolist())
+            exclude = [same_source] * len(rows)
     _print(_neighbour_table(embeddings, classes, latent_index, vectors, labels, exclude, args.k), args.format)
     return 0
 

@@ -55,11 +55,11 @@ def test_similar_by_iau_name_detid_and_srcid(latent_dir: Path, capsys: pytest.Ca
     frame = pd.read_csv(io.StringIO(capsys.readouterr().out))
     assert len(frame) == 4 and set(frame.columns) >= {"neighbour", "distance", "class", "obs_date", "counts"}
 
-    assert main(["similar", str(source["srcid"]), "-k", "2", "--latent", str(latent_dir),
-                 "--include-same-source"]) == 0
-    table = capsys.readouterr().out
-    assert "neighbour" in table and "distance" in table
-    assert str(source["iauname"]) in table.split("\n", 1)[1]  # the source's other detections come first
+    for flag, expected in (([], False), (["--include-same-source"], True)):
+        assert main(["similar", str(source["srcid"]), "-k", "10", *latent, *flag]) == 0
+        header, body = capsys.readouterr().out.split("\n", 1)
+        assert "neighbour" in header and "distance" in header
+        assert (str(source["iauname"]) in body) == expected
 
 
 @pytest.mark.parametrize(("argv", "message"), [
