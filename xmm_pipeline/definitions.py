@@ -1,0 +1,65 @@
+"""The one Dagster `Definitions` of the project (workspace.yaml and `dagster ... -m` load it).
+
+`build_definitions` binds the resources; the module-level `defs` is the embedded default: the simulated
+DR14 archive under ./data (relative to the working directory), CPU or GPU picked automatically.
+Every resource value can be overridden per run (launchpad or `-c run_config.yaml`), e.g.
+
+    resources:
+      storage: {config: {root: /data/xmm}}
+      archive: {config: {kind: xsa, root: /data/xmm/archive}}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dagster import Definitions, load_asset_checks_from_modules, load_assets_from_modules
+
+from xmm_pipeline.orchestration import (
+    assets_archive,
+    assets_latent,
+    assets_model,
+    assets_spectra,
+    automation,
+    checks,
+)
+from xmm_pipeline.orchestration.resources import (
+    ArchiveResource,
+    ComputeResource,
+    ModelSettings,
+    StorageResource,
+)
+
+DEFAULT_STORAGE_ROOT = Path("data")
+DEFAULT_N_DETECTIONS = 2000
+DEFAULT_SEED = 0
+
+ASSET_MODULES = [assets_archive, assets_spectra, assets_model, assets_latent]
+
+
+def build_definitions(
+    storage_root: str | Path = DEFAULT_STORAGE_ROOT,
+    archive: ArchiveResource | None = None,
+    model: ModelSettings | None = None,
+    compute: ComputeResource | None = None,
+) -> Definitions:
+    storage = StorageResource(root=str(storage_root))
+    return Definitions(
+        assets=load_assets_from_modules(ASSET_MODULES),
+        asset_checks=load_asset_checks_from_modules([checks]),
+        jobs=automation.JOBS,
+        schedules=automation.SCHEDULES,
+        sensors=automation.SENSORS,
+        resources={
+            "storage": storage,
+            "archive": archive
+            or ArchiveResource(
+                root=str(Path(storage_root) / "archive"), n_detections=DEFAULT_N_DETECTIONS, seed=DEFAULT_SEED
+            ),
+            "model": model or ModelSettings(),
+            "compute": compute or ComputeResource(),
+        },
+    )
+
+
+defs = build_definitions()

@@ -1,0 +1,94 @@
+"""Archive domain: the catalogue release, the canonical detections, and the selection."""
+
+import pandas as pd
+from dagster import (
+    AssetExecutionContext,
+    DataVersion,
+    MaterializeResult,
+    MetadataValue,
+    ObserveResult,
+    asset,
+    observable_source_asset,
+)
+
+from xmm_pipeline.archive.catalogue import as_canonical
+from xmm_pipeline.orchestration.metadata import counts_markdown, path_value
+from xmm_pipeline.orchestration.partitions import add_observation_partitions, observation_manifest
+from xmm_pipeline.orchestration.resources import ArchiveResource, StorageResource
+from xmm_pipeline.orchestration.versions import code_version
+from xmm_pipeline.storage import sha256_file, write_json_atomic, write_parquet_atomic
+
+GROUP = "archive"
+
+
+@observable_source_asset(
+    group_name=GROUP, description="The archive's catalogue release; data version = fingerprint."
+)
+def catalogue_release(archive: ArchiveResource) -> ObserveResult:
+    fingerprint = archive.get_archive().release_fingerprint()
+    return ObserveResult(
+        data_version=DataVersion(fingerprint),
+        metadata={
+            "fingerprint": fingerprint,
+            "archive": archive.kind,
+            "root": MetadataValue.path(archive.root),
+        },
+    )
+
+
+@asset(
+    group_name=GROUP,
+    deps=[catalogue_release],
+    code_version=code_version("xmm_pipeline.archive.catalogue", "xmm_pipeline.orchestration.assets_archive"),
+)
+def detections(archive: ArchiveResource, storage: StorageResource) -> MaterializeResult:
+    """The release's detection catalogue in the canonical schema (one Parquet table)."""
+    source = archive.get_archive()
+    fingerprint = source.release_fingerprint()
+    catalogue = as_canonical(source.fetch_catalogue())
+    write_parquet_atomic(storage.detections_path, catalogue)
+    return MaterializeResult(
+        data_version=DataVersion(fingerprint),
+        metadata={
+            "path": path_value(storage.detections_path),
+            "dagster/row_count": len(catalogue),
+            "observations": int(catalogue["obs_id"].nunique()),
+            "sources": int(catalogue["srcid"].nunique()),
+            "fingerprint": fingerprint,
+        },
+    )
+
+
+@asset(
+    group_name=GROUP,
+    deps=[detections],
+    code_version=code_version("xmm_pipeline.spectra.preprocess", "xmm_pipeline.orchestration.partitions"),
+)
+def selected_detections(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
+    """Detections passing the selection (pn counts, SUM_FLAG < 3, point-like, spectrum present).
+
+    Also writes the observation manifest (hash of each observation's selected rows) and registers
+    observations not seen before as partitions of `pn_spectra`.
+    """
+    from xmm_pipeline.spectra.preprocess import PreprocessConfig, select_detections
+
+    catalogue = pd.read_parquet(storage.detections_path)
+    selected, dropped = select_detections(catalogue, PreprocessConfig())
+    manifest = observation_manifest(selected)
+    write_parquet_atomic(storage.selected_path, selected)
+    write_parquet_atomic(storage.observations_path, manifest)
+    write_json_atomic(
+        storage.catalogue_dir / "selection.json", {"selected": len(selected), "dropped": dropped}
+    )
+    new_partitions = add_observation_partitions(context.instance, list(manifest["obs_id"]))
+    return MaterializeResult(
+        data_version=DataVersion(sha256_file(storage.observations_path)[:16]),
+        metadata={
+            "path": path_value(storage.selected_path),
+            "dagster/row_count": len(selected),
+            "dropped": int(sum(dropped.values())),
+            "drop counts": counts_markdown({str(k): int(v) for k, v in dropped.items()}),
+            "observations": len(manifest),
+            "new observation partitions": len(new_partitions),
+        },
+    )

@@ -1,0 +1,137 @@
+"""Asset checks. Blocking ones stop downstream assets when a bad result must not spread."""
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+from dagster import AssetCheckResult, AssetCheckSeverity, MetadataValue, asset_check
+
+from xmm_pipeline.archive.catalogue import CANONICAL_COLUMNS
+from xmm_pipeline.orchestration.assets_archive import detections, selected_detections
+from xmm_pipeline.orchestration.assets_latent import latent_embeddings
+from xmm_pipeline.orchestration.assets_model import VALIDATION_FILE, vae_model
+from xmm_pipeline.orchestration.assets_spectra import training_set
+from xmm_pipeline.orchestration.resources import StorageResource
+
+MAX_QUARANTINE_SHARE = 0.05
+
+
+def schema_problems(frame: pd.DataFrame, expected: dict[str, str]) -> list[str]:
+    problems = [f"missing {name}" for name in expected if name not in frame.columns]
+    problems += [
+        f"{name}: {frame[name].dtype} != {dtype}"
+        for name, dtype in expected.items()
+        if name in frame.columns and str(frame[name].dtype) != str(pd.Series([], dtype=dtype).dtype)
+    ]
+    return problems
+
+
+@asset_check(
+    asset=detections, blocking=True, description="Canonical detection schema: every column, every dtype."
+)
+def detections_schema(storage: StorageResource) -> AssetCheckResult:
+    problems = schema_problems(pd.read_parquet(storage.detections_path), CANONICAL_COLUMNS)
+    return AssetCheckResult(passed=not problems, metadata={"problems": MetadataValue.json(problems)})
+
+
+@asset_check(asset=selected_detections, blocking=True, description="The selection rule holds on every row.")
+def selection_rule_holds(storage: StorageResource) -> AssetCheckResult:
+    from xmm_pipeline.spectra.preprocess import PreprocessConfig, selection_mask
+
+    selected = pd.read_parquet(storage.selected_path)
+    violations = int((~selection_mask(selected, PreprocessConfig())).sum())
+    duplicates = int(selected.duplicated(["obs_id", "srcid"]).sum())
+    return AssetCheckResult(
+        passed=violations == 0 and duplicates == 0,
+        metadata={
+            "rows": len(selected),
+            "rule violations": violations,
+            "duplicate obs/source pairs": duplicates,
+        },
+    )
+
+
+@asset_check(asset=training_set, blocking=True, description="No NaN or infinity in any spectrum array.")
+def spectra_have_no_nan(storage: StorageResource) -> AssetCheckResult:
+    from xmm_pipeline.spectra.dataset import load_dataset
+
+    dataset = load_dataset(storage.training_dir)
+    arrays = {
+        "counts": dataset.counts,
+        "background": dataset.background,
+        "area_exposure": dataset.area_exposure,
+        "unfolded": dataset.unfolded,
+        "rmf": dataset.rmf_matrices,
+    }
+    bad = {name: int((~np.isfinite(values)).sum()) for name, values in arrays.items()}
+    return AssetCheckResult(
+        passed=sum(bad.values()) == 0, metadata={"non-finite values": MetadataValue.json(bad)}
+    )
+
+
+@asset_check(
+    asset=training_set,
+    blocking=True,
+    description=f"Detections set aside (quarantine) stay under {MAX_QUARANTINE_SHARE:.0%} of those seen.",
+)
+def quarantine_share_below_threshold(storage: StorageResource) -> AssetCheckResult:
+    path = storage.spectra_dir / "quarantine.parquet"
+    quarantined = len(pd.read_parquet(path)) if path.exists() else 0
+    spectra = int(json.loads((storage.training_dir / "summary.json").read_text())["spectra"])
+    share = quarantined / max(quarantined + spectra, 1)
+    return AssetCheckResult(
+        passed=share <= MAX_QUARANTINE_SHARE,
+        metadata={
+            "quarantined": quarantined,
+            "spectra": spectra,
+            "share": share,
+            "threshold": MAX_QUARANTINE_SHARE,
+        },
+    )
+
+
+@asset_check(
+    asset=vae_model,
+    blocking=True,
+    description="Validation loss finite, and validation deviance per dof better than the PCA baseline's.",
+)
+def vae_model_beats_pca(storage: StorageResource) -> AssetCheckResult:
+    validation = json.loads((storage.model_dir / VALIDATION_FILE).read_text())
+    finite = math.isfinite(validation["val_loss"]) and math.isfinite(validation["vae_deviance_per_dof"])
+    better = validation["vae_deviance_per_dof"] < validation["pca_deviance_per_dof"]
+    return AssetCheckResult(passed=finite and better, metadata={k: float(v) for k, v in validation.items()})
+
+
+@asset_check(
+    asset=latent_embeddings,
+    description="Warns when the data has spectra the model never saw: retraining is a human decision.",
+)
+def model_trained_on_current_data(storage: StorageResource) -> AssetCheckResult:
+    from xmm_pipeline.model.train import load_artifact
+
+    embedded = pd.read_parquet(storage.latent_dir / "embeddings.parquet", columns=["detid"])["detid"]
+    trained = pd.read_parquet(storage.training_dir / "split.parquet", columns=["detid"])["detid"]
+    unseen = int((~embedded.isin(trained)).sum())
+    return AssetCheckResult(
+        passed=unseen == 0,
+        severity=AssetCheckSeverity.WARN,
+        description=None
+        if unseen == 0
+        else f"{unseen} embedded spectra were not in the model's training set",
+        metadata={
+            "embedded": len(embedded),
+            "unseen by the model": unseen,
+            "model version": load_artifact(storage.model_dir).version,
+        },
+    )
+
+
+CHECKS = [
+    detections_schema,
+    selection_rule_holds,
+    spectra_have_no_nan,
+    quarantine_share_below_threshold,
+    vae_model_beats_pca,
+    model_trained_on_current_data,
+]
