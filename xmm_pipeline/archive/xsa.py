@@ -146,9 +146,11 @@ class XSAArchive(Archive):
     root: local folder with the layout of archive.base. tap_url/table: the detection catalogue;
     catalogue_file: a local catalogue FITS file used instead of TAP. column_map: service column ->
     canonical (4XMM) name, for services that rename columns (HEASARC). aio_url/rmf_url: products and
-    canned responses. product_mode: 'observation' (one tar per observation) or 'source' (one file per
-    product and detection). fetch_mode: how the catalogue is read ('async' TAP job, 'paged' TOP/OFFSET
-    pages of page_size rows, 'sync').
+    canned responses. product_mode: 'observation' (one tar per observation: the whole pn PPS set) or
+    'source' (one request per product of each detection in root/catalogue.parquet with pn_8_cts >=
+    min_pn_counts). fetch_mode: how the catalogue is read ('async' TAP job, 'paged' TOP/OFFSET pages
+    of page_size rows, 'sync'). release: the label stored in the catalogue's release column (default:
+    the IAU name prefix, e.g. 4XMM).
     """
 
     def __init__(
@@ -168,6 +170,7 @@ class XSAArchive(Archive):
         product_mode: str = "observation",
         column_map: dict[str, str] | None = None,
         release: str | None = None,
+        min_pn_counts: float = 0.0,
     ) -> None:
         super().__init__(root)
         self.tap_url = _validate_url(tap_url, "TAP URL")
@@ -191,6 +194,7 @@ class XSAArchive(Archive):
             for k, v in (column_map or {}).items()
         }
         self.release = release
+        self.min_pn_counts = float(min_pn_counts)
         self.stats = TransferStats()
 
     # --- TAP -----------------------------------------------------------------------------------
@@ -391,7 +395,8 @@ class XSAArchive(Archive):
         base = {"obsno": obs_id, "level": "PPS", "instname": "PN"}
         if self.product_mode == "observation":
             return [ProductRequest(obs_id, self._aio(**base))]
-        rows = catalogue[(catalogue["obs_id"] == obs_id) & (catalogue["pn_8_cts"].fillna(0) > 0)]
+        counts = catalogue["pn_8_cts"].fillna(0)
+        rows = catalogue[(catalogue["obs_id"] == obs_id) & (counts > 0) & (counts >= self.min_pn_counts)]
         return [
             ProductRequest(
                 obs_id,

@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--rmf-url", help="folder URL of the canned pn RMFs (default: the calibration site)")
     parser.add_argument("--per-source", action="store_true",
                         help="fetch one file per product and detection instead of one tar per observation")
+    parser.add_argument("--min-counts", type=float, default=0.0,
+                        help="with --per-source: only detections with pn_8_cts at least this")
     parser.add_argument("--concurrency", type=int, default=4, help="parallel requests (be polite)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     parser.add_argument("--retries", type=int, default=4, help="retries of a failed request")
@@ -49,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     archive = XSAArchive(
         args.out, timeout_s=args.timeout, max_concurrency=args.concurrency, retries=args.retries,
         catalogue_file=args.catalogue_file, product_mode="source" if args.per_source else "observation",
-        release=args.release, **{key: value for key, value in endpoints.items() if value},
+        release=args.release, min_pn_counts=args.min_counts, **{key: value for key, value in endpoints.items() if value},
     )
     start = time.perf_counter()
     rows = archive.fetch_catalogue_rows(obs_ids)

@@ -153,6 +153,13 @@ def test_per_source_files(source: tuple[Path, pd.DataFrame], aio: AioServer, tmp
     archive.fetch_observations([obs_ids[0], obs_ids[2]])
     assert aio.count() == before
 
+    bright = catalogue[catalogue["obs_id"].isin(obs_ids[:1])]["pn_8_cts"].max()
+    selective = _archive(tmp_path / "bright", aio, product_mode="source", min_pn_counts=bright)
+    (tmp_path / "bright").mkdir()
+    shutil.copy(src / "catalogue.parquet", tmp_path / "bright" / "catalogue.parquet")
+    assert selective.fetch_observations(obs_ids[:1]) == []
+    assert len(list((tmp_path / "bright" / obs_ids[0] / "pps").glob("*.FTZ"))) == 3
+
 
 def test_observation_ids_are_validated(aio: AioServer, tmp_path: Path) -> None:
     archive = _archive(tmp_path, aio)
