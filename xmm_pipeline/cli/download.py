@@ -51,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     archive = XSAArchive(
         args.out, timeout_s=args.timeout, max_concurrency=args.concurrency, retries=args.retries,
         catalogue_file=args.catalogue_file, product_mode="source" if args.per_source else "observation",
-        release=args.release, min_pn_counts=args.min_counts, **{key: value for key, value in endpoints.items() if value},
+        release=args.release, min_pn_counts=args.min_counts,
+        **{key: value for key, value in endpoints.items() if value},
     )
     start = time.perf_counter()
     rows = archive.fetch_catalogue_rows(obs_ids)
