@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import re
 import zlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ _CARD = 80
 _TFORM = re.compile(r"^\s*(\d*)\s*([LXBIJKAEDCMPQ])")
 _FITS_DTYPES = {"L": "i1", "B": "u1", "I": ">i2", "J": ">i4", "K": ">i8", "E": ">f4", "D": ">f8"}
 _NO_LINK = {"", "NONE", "NONE.FITS"}
+_Table = tuple[Mapping[str, Any], dict[str, np.ndarray], str]  # keywords, columns by name, EXTNAME
 
 
 @dataclass(frozen=True)
@@ -157,10 +159,38 @@ def _card_value(text: str) -> Any:
         return word
 
 
-def _parse_header(data: bytes, start: int, path: Path) -> tuple[dict[str, Any], int]:
+class _Header(Mapping[str, Any]):
+    """FITS keywords, each parsed on first access: most cards of a pipeline header are never read."""
+
+    def __init__(self, raw: dict[str, str], parsed: dict[str, Any]) -> None:
+        self._raw = raw
+        self._parsed = parsed
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._parsed:
+            self._parsed[key] = _card_value(self._raw[key])
+        return self._parsed[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._raw
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def merged(self, other: _Header) -> _Header:
+        """These keywords overridden by `other`'s."""
+        parsed = {key: value for key, value in self._parsed.items() if key not in other._raw}
+        return _Header(self._raw | other._raw, parsed | other._parsed)
+
+
+def _parse_header(data: bytes, start: int, path: Path) -> tuple[_Header, int]:
     """Keywords of the header at `start` and the offset of its data unit."""
-    header: dict[str, Any] = {}
-    last_string_key = ""
+    header = _Header({}, {})
+    raw, parsed = header._raw, header._parsed
+    last_key = ""
     position = start
     while True:
         if position + _BLOCK > len(data):
@@ -172,20 +202,19 @@ def _parse_header(data: bytes, start: int, path: Path) -> tuple[dict[str, Any], 
             key = card[:8].rstrip()
             if key == "END":
                 return header, position
-            if key == "CONTINUE" and last_string_key:
-                value = _card_value(card[8:])
-                previous = header[last_string_key]
-                if isinstance(value, str) and previous.endswith("&"):
-                    header[last_string_key] = previous[:-1] + value
+            if key == "CONTINUE" and last_key:
+                previous, value = header[last_key], _card_value(card[8:])
+                if isinstance(previous, str) and isinstance(value, str) and previous.endswith("&"):
+                    parsed[last_key] = previous[:-1] + value
                 continue
-            if card[8:10] != "= " or key in header:
+            if card[8:10] != "= " or key in raw:
+                last_key = ""
                 continue
-            value = _card_value(card[10:])
-            header[key] = value
-            last_string_key = key if isinstance(value, str) else ""
+            raw[key] = card[10:]
+            last_key = key if card[10:].lstrip().startswith("'") else ""
 
 
-def _data_size(header: dict[str, Any]) -> int:
+def _data_size(header: Mapping[str, Any]) -> int:
     naxis = int(header.get("NAXIS", 0))
     if naxis == 0:
         return 0
@@ -196,7 +225,7 @@ def _data_size(header: dict[str, Any]) -> int:
     return -(-size // _BLOCK) * _BLOCK
 
 
-def _table_columns(header: dict[str, Any], data: bytes, start: int) -> dict[str, np.ndarray]:
+def _table_columns(header: Mapping[str, Any], data: bytes, start: int) -> dict[str, np.ndarray]:
     n_rows, row_bytes = int(header["NAXIS2"]), int(header["NAXIS1"])
     names, formats, offsets, scales = [], [], [], {}
     offset = 0
@@ -236,7 +265,7 @@ def _table_columns(header: dict[str, Any], data: bytes, start: int) -> dict[str,
     return columns
 
 
-def _read_table_fast(path: Path, extnames: tuple[str, ...], hduclas1: str) -> tuple[dict, dict, str]:
+def _read_table_fast(path: Path, extnames: tuple[str, ...], hduclas1: str) -> _Table:
     data = _file_bytes(path)
     if not data.startswith(b"SIMPLE  ="):
         raise ProductError(path, "not a FITS file (no SIMPLE card)")
@@ -251,11 +280,11 @@ def _read_table_fast(path: Path, extnames: tuple[str, ...], hduclas1: str) -> tu
         ):
             if data_start + int(header["NAXIS1"]) * int(header["NAXIS2"]) > len(data):
                 raise ProductError(path, f"truncated FITS data in extension {extname}")
-            return {**primary, **header}, _table_columns(header, data, data_start), extname
+            return primary.merged(header), _table_columns(header, data, data_start), extname
     raise ProductError(path, f"no {' or '.join(extnames)} extension")
 
 
-def _read_table_astropy(path: Path, extnames: tuple[str, ...], hduclas1: str) -> tuple[dict, dict, str]:
+def _read_table_astropy(path: Path, extnames: tuple[str, ...], hduclas1: str) -> _Table:
     from astropy.io import fits
 
     try:
@@ -273,7 +302,7 @@ def _read_table_astropy(path: Path, extnames: tuple[str, ...], hduclas1: str) ->
     raise ProductError(path, f"no {' or '.join(extnames)} extension")
 
 
-def read_table(path: str | Path, extnames: tuple[str, ...], hduclas1: str = "") -> tuple[dict, dict, str]:
+def read_table(path: str | Path, extnames: tuple[str, ...], hduclas1: str = "") -> _Table:
     """(keywords of primary+extension, columns by upper-case name, extname) of the first matching table."""
     path = Path(path)
     try:
@@ -285,7 +314,7 @@ def read_table(path: str | Path, extnames: tuple[str, ...], hduclas1: str = "") 
 # ---------------------------------------------------------------- public readers
 
 
-def _link(header: dict[str, Any], key: str) -> str | None:
+def _link(header: Mapping[str, Any], key: str) -> str | None:
     value = header.get(key)
     if value is None:
         return None
@@ -293,7 +322,9 @@ def _link(header: dict[str, Any], key: str) -> str | None:
     return None if text.upper() in _NO_LINK else text
 
 
-def _per_channel(path: Path, header: dict, columns: dict, key: str, n: int) -> float | np.ndarray:
+def _per_channel(
+    path: Path, header: Mapping[str, Any], columns: dict, key: str, n: int
+) -> float | np.ndarray:
     if key in columns:
         values = np.asarray(columns[key], dtype=np.float64)
         if values.shape != (n,):

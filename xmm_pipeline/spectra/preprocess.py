@@ -286,9 +286,9 @@ def bin_spectrum(
     folded = fold_compressed(area_exposure, response.matrix.astype(np.float64), np.ones(grid.n_bins))
     reachable = folded > 1e-6 * max(float(folded.max()), 0.0)
     net = np.clip(counts - background_counts, 0.0, None)
-    flux = np.divide(net, folded * grid.widths_kev, out=np.zeros(grid.n_bins), where=reachable & (folded > 0))
-    centres = grid.centres_kev
-    energy_flux = float(np.sum(centres * flux * grid.widths_kev)) * KEV_TO_ERG
+    centres, widths = cache.centres_kev, cache.widths_kev
+    flux = np.divide(net, folded * widths, out=np.zeros(grid.n_bins), where=reachable & (folded > 0))
+    energy_flux = float(np.sum(centres * flux * widths)) * KEV_TO_ERG
     if not energy_flux > 0:
         raise ProductError(source.path, f"no positive net counts in {grid.e_min_kev}-{grid.e_max_kev} keV")
     nu_f_nu = centres**2 * flux
@@ -395,15 +395,14 @@ def _observation_hash(
         if src_num in src_nums
         for path in kinds.values()
     )
-    rows = obs_rows.sort_values("detid").astype(str).to_dict(orient="records")
+    rows = obs_rows.sort_values("detid").to_json(orient="split", index=False, double_precision=15)
     return sha256_json(
         {"version": PREPROCESS_VERSION, "grid": asdict(config.grid), "rows": rows, "files": files}
     )
 
 
-def _catalogue_scalars(row: pd.Series) -> dict:
-    record = {name: row[name] for name in _CATALOGUE_SCALARS}
-    record = {name: (None if value is pd.NA else value) for name, value in record.items()}
+def _catalogue_scalars(row: dict) -> dict:
+    record = {name: (None if row[name] is pd.NA else row[name]) for name in _CATALOGUE_SCALARS}
     record["mjd"] = 0.5 * (float(row["mjd_start"]) + float(row["mjd_stop"]))
     return record
 
@@ -445,7 +444,7 @@ def preprocess_observation(
         raise ValueError(f"ResponseCache grid {cache.grid} differs from the config's {config.grid}")
     responses_dir = archive_dir / RESPONSES_SUBDIR
     records, quarantine, missing = [], [], 0
-    for _, row in obs_rows.iterrows():
+    for row in obs_rows.to_dict(orient="records"):
         found = _spectrum_products(products, int(row["src_num"]))
         if found is None:
             missing += 1

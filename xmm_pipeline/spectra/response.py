@@ -61,6 +61,16 @@ def bin_average(values: np.ndarray, overlap: sparse.csr_matrix, width_kev: np.nd
     return np.divide(total, weight, out=np.zeros_like(total), where=weight > 0)
 
 
+def averaging_operator(
+    energy_lo_kev: np.ndarray, energy_hi_kev: np.ndarray, grid: EnergyGrid
+) -> sparse.csr_matrix:
+    """[grid, fine] CSR with rows summing to 1: `operator @ values` is `bin_average` of the values."""
+    overlap = overlap_fractions(energy_lo_kev, energy_hi_kev, grid)
+    weights = overlap.multiply((energy_hi_kev - energy_lo_kev)[:, None]).T.tocsr()
+    total = np.asarray(weights.sum(axis=1)).ravel()
+    return sparse.diags(np.divide(1.0, total, out=np.zeros_like(total), where=total > 0)) @ weights
+
+
 def channel_bins(rmf: Rmf, grid: EnergyGrid) -> np.ndarray:
     """Grid bin of each RMF channel by its mid energy (EBOUNDS); -1 outside the grid."""
     return grid.bin_index(0.5 * (rmf.channel_lo_kev + rmf.channel_hi_kev))
@@ -209,16 +219,18 @@ def compress_rmf(rmf: Rmf, grid: EnergyGrid) -> CompressedRmf:
 class ResponseCache:
     """Reads and compresses each RMF once per run (keyed by resolved path; ids keyed by content).
 
-    Also caches the overlap operator of each ARF energy grid, so averaging an ARF over the grid costs
+    Also caches the averaging operator of each ARF energy grid, so averaging an ARF over the grid costs
     one sparse product per spectrum.
     """
 
     def __init__(self, grid: EnergyGrid = DEFAULT_GRID) -> None:
         self.grid = grid
+        self.centres_kev = grid.centres_kev
+        self.widths_kev = grid.widths_kev
         self.rmf_reads = 0
         self._by_path: dict[str, CompressedRmf] = {}
         self._by_id: dict[str, CompressedRmf] = {}
-        self._overlaps: dict[bytes, sparse.csr_matrix] = {}
+        self._averaging: dict[bytes, sparse.csr_matrix] = {}
 
     def get(self, rmf_path: str | Path) -> CompressedRmf:
         key = str(Path(rmf_path).resolve())
@@ -244,11 +256,11 @@ class ResponseCache:
         if arf is None:
             raise ProductError(response.path, "RMF is a pure redistribution matrix: an ARF is needed")
         key = arf.energy_lo_kev.tobytes() + arf.energy_hi_kev.tobytes()
-        overlap = self._overlaps.get(key)
-        if overlap is None:
-            overlap = overlap_fractions(arf.energy_lo_kev, arf.energy_hi_kev, self.grid)
-            self._overlaps[key] = overlap
-        return bin_average(arf.area_cm2, overlap, arf.energy_hi_kev - arf.energy_lo_kev)
+        averaging = self._averaging.get(key)
+        if averaging is None:
+            averaging = averaging_operator(arf.energy_lo_kev, arf.energy_hi_kev, self.grid)
+            self._averaging[key] = averaging
+        return averaging @ arf.area_cm2
 
     def responses(self) -> dict[str, np.ndarray]:
         """rmf_id -> float32 matrix [k, j] of every RMF seen in this run."""
