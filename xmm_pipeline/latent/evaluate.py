@@ -1,0 +1,443 @@
+"""How good is the latent space? Metrics on the simulated truth and the report docs/EVALUATION.md.
+
+- Classification: a k-NN classifier (k = 10, features standardised) cross-validated with folds
+  grouped by srcid (no source on both sides), on the latent means and, as the classic baseline, on
+  the four catalogue hardness ratios (missing ratios imputed by the training fold's median).
+- Similarity: precision@10, the share of each detection's 10 nearest neighbours (other sources only)
+  that have its class.
+- The 1ES 1927+654-like source: its soft-state detection(s) (truth `state` mentions "soft" or a
+  blackbody; otherwise its lowest-HR2 detection) and the classes of their nearest neighbours.
+- Outliers: recall of the rare odd spectra (truth `is_odd`) in the top 1% of the outlier score.
+- Trajectories: median path length per class, per source with >= 2 detections.
+- Latent dimension: the same metrics for models retrained with latent dimension 2, 4, 8.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from scipy.spatial import cKDTree
+
+from xmm_pipeline.errors import UserError
+from xmm_pipeline.latent.crossmatch import UNKNOWN
+from xmm_pipeline.latent.embed import latent_matrix
+from xmm_pipeline.latent.products import (
+    MapProjection,
+    latent_trajectories,
+    outlier_scores,
+    plot_latent_classes,
+    plot_latent_density,
+    plot_trajectories,
+)
+from xmm_pipeline.storage import atomic_path, write_bytes_atomic
+
+KNN_K = 10
+HR_COLUMNS = ["ep_hr1", "ep_hr2", "ep_hr3", "ep_hr4"]
+ONE_ES_IAUNAME = "4XMM J192719.5+653354"
+SOFT_CLASSES = ("TDE", "NS", "pulsar")
+STEADY_CLASS = "AGN"
+MOVER_CLASSES = ("TDE", "XRB")
+REPORT_FILE = "EVALUATION.md"
+IMAGES_SUBDIR = "images"
+
+
+@dataclass
+class ClassificationScores:
+    accuracy: float
+    balanced_accuracy: float
+    recall_by_class: dict[str, float] = field(default_factory=dict)
+    n_samples: int = 0
+
+
+def labelled(embeddings: pd.DataFrame, classes: pd.DataFrame) -> pd.DataFrame:
+    """Embeddings joined with their class (and truth columns), rows without a known class dropped."""
+    extra = [c for c in classes.columns if c not in embeddings.columns or c == "detid"]
+    table = embeddings.merge(classes[extra], on="detid", how="inner")
+    table = table[table["class"].notna() & (table["class"].astype(str) != UNKNOWN)].reset_index(drop=True)
+    if len(table) < 2 * KNN_K:
+        raise UserError(f"only {len(table)} detections with a known class: too few to evaluate")
+    return table
+
+
+def knn_classification(
+    features: np.ndarray,
+    labels: np.ndarray,
+    groups: np.ndarray,
+    k: int = KNN_K,
+    n_splits: int = 5,
+    seed: int = 0,
+) -> ClassificationScores:
+    """k-NN class predictions cross-validated over folds grouped by `groups` (srcid)."""
+    from sklearn.impute import SimpleImputer
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, recall_score
+    from sklearn.model_selection import GroupKFold, cross_val_predict
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    labels = np.asarray(labels).astype(str)
+    n_splits = min(n_splits, len(np.unique(groups)))
+    if n_splits < 2:
+        raise UserError("need detections of at least two sources to cross-validate")
+    smallest_train = len(labels) - int(np.ceil(len(labels) / n_splits)) - 1
+    classifier = make_pipeline(SimpleImputer(strategy="median"), StandardScaler(),
+                               KNeighborsClassifier(n_neighbors=max(1, min(k, smallest_train))))
+    predicted = cross_val_predict(classifier, np.asarray(features, dtype=np.float64), labels, groups=groups,
+                                  cv=GroupKFold(n_splits, shuffle=True, random_state=seed))
+    names = sorted(set(labels))
+    recalls = recall_score(labels, predicted, labels=names, average=None, zero_division=0)
+    return ClassificationScores(
+        accuracy=float(accuracy_score(labels, predicted)),
+        balanced_accuracy=float(balanced_accuracy_score(labels, predicted)),
+        recall_by_class={name: float(r) for name, r in zip(names, recalls)},
+        n_samples=len(labels),
+    )
+
+
+def precision_at_k(features: np.ndarray, labels: np.ndarray, srcids: np.ndarray, k: int = KNN_K) -> float:
+    """Mean share of same-class detections among each detection's k nearest other-source neighbours."""
+    features = np.asarray(features, dtype=np.float64)
+    labels, srcids = np.asarray(labels).astype(str), np.asarray(srcids)
+    widest = int(pd.Series(srcids).value_counts().max())
+    n_query = min(k + widest, len(features))
+    _, rows = cKDTree(features).query(features, n_query)
+    rows = np.atleast_2d(rows)
+    shares = []
+    for i, neighbours in enumerate(rows):
+        others = neighbours[srcids[neighbours] != srcids[i]][:k]
+        if len(others):
+            shares.append(np.mean(labels[others] == labels[i]))
+    return float(np.mean(shares)) if shares else math.nan
+
+
+def hardness_ratios(table: pd.DataFrame) -> np.ndarray:
+    missing = [c for c in HR_COLUMNS if c not in table.columns]
+    if missing:
+        raise UserError(f"embeddings lack the hardness ratios {', '.join(missing)}")
+    return table[HR_COLUMNS].to_numpy(np.float64)
+
+
+def soft_state_neighbours(table: pd.DataFrame, iauname: str = ONE_ES_IAUNAME, k: int = KNN_K) -> pd.DataFrame:
+    """Nearest other-source neighbours of the named source's soft-state detection(s)."""
+    names = table["iauname"].astype(str).str.strip() if "iauname" in table else pd.Series(dtype=str)
+    rows = table[names == iauname]
+    if rows.empty:
+        return pd.DataFrame()
+    soft = pd.Series(False, index=rows.index)
+    if "state" in rows:
+        state = rows["state"].astype(str).str.lower()
+        soft = state.str.contains("soft") | state.str.contains("blackbody") | state.str.contains("bb")
+    if not soft.any():
+        soft = rows["ep_hr2"] == rows["ep_hr2"].min() if "ep_hr2" in rows else rows.index == rows.index[0]
+    queries = rows[soft]
+    vectors = latent_matrix(table).astype(np.float64)
+    tree = cKDTree(vectors)
+    widest = min(len(table), k + len(rows))
+    parts = []
+    for _, query in queries.iterrows():
+        distances, neighbours = tree.query(latent_matrix(query.to_frame().T).astype(np.float64)[0], widest)
+        keep = table["srcid"].to_numpy()[neighbours] != query["srcid"]
+        hits = table.iloc[neighbours[keep][:k]].copy()
+        hits.insert(0, "distance", distances[keep][:k])
+        hits.insert(0, "query_detid", query["detid"])
+        hits.insert(1, "query_state", query.get("state", "lowest HR2"))
+        parts.append(hits)
+    return pd.concat(parts, ignore_index=True)
+
+
+def outlier_recall(outliers: pd.DataFrame, table: pd.DataFrame, top_fraction: float = 0.01) -> dict[str, Any]:
+    """Share of the odd spectra found in the top `top_fraction` of the outlier ranking."""
+    is_odd = table["is_odd"].astype(bool) if "is_odd" in table else table["class"] == "odd"
+    odd = set(table.loc[is_odd.to_numpy(), "detid"])
+    ranked = outliers[outliers["detid"].isin(table["detid"])]
+    n_top = max(1, math.ceil(top_fraction * len(ranked)))
+    found = odd & set(ranked["detid"].head(n_top))
+    return {"n_odd": len(odd), "n_top": n_top, "found": len(found),
+            "recall": len(found) / len(odd) if odd else math.nan, "chance": n_top / max(len(ranked), 1)}
+
+
+def path_lengths_by_class(trajectories: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """Median path length (and per step) of multi-detection sources, by the source's majority class."""
+    source_class = table.groupby("srcid")["class"].agg(lambda c: c.value_counts().index[0])
+    paths = trajectories.assign(**{"class": trajectories["srcid"].map(source_class)}).dropna(subset=["class"])
+    paths["path_per_step"] = paths["path_length"] / (paths["n_detections"] - 1)
+    summary = paths.groupby("class").agg(
+        sources=("srcid", "size"), median_path_length=("path_length", "median"),
+        median_path_per_step=("path_per_step", "median"), median_largest_jump=("largest_jump", "median"))
+    return summary.sort_values("median_path_length", ascending=False).reset_index()
+
+
+@dataclass
+class LatentMetrics:
+    latent_dim: int
+    n_detections: int
+    knn_latent: ClassificationScores
+    knn_hardness: ClassificationScores
+    precision_at_10_latent: float
+    precision_at_10_hardness: float
+    outliers: dict[str, Any]
+    path_lengths: pd.DataFrame
+    median_deviance_per_dof: float
+
+    def summary_row(self) -> dict[str, Any]:
+        paths = self.path_lengths.set_index("class")["median_path_length"] if len(self.path_lengths) else {}
+        steady = paths.get(STEADY_CLASS, math.nan) if len(self.path_lengths) else math.nan
+        movers = [paths.get(c, math.nan) for c in MOVER_CLASSES] if len(self.path_lengths) else []
+        return {
+            "latent dim": self.latent_dim,
+            "k-NN accuracy": self.knn_latent.accuracy,
+            "k-NN balanced accuracy": self.knn_latent.balanced_accuracy,
+            "precision@10": self.precision_at_10_latent,
+            "odd recall (top 1%)": self.outliers["recall"],
+            "TDE+XRB / AGN path": np.nanmedian(movers) / steady if movers and steady > 0 else math.nan,
+            "median deviance/dof": self.median_deviance_per_dof,
+        }
+
+
+def latent_metrics(embeddings: pd.DataFrame, classes: pd.DataFrame, seed: int = 0) -> LatentMetrics:
+    """Every latent-space metric of the report for one embeddings table."""
+    table = labelled(embeddings, classes)
+    vectors = latent_matrix(table)
+    labels, groups = table["class"].astype(str).to_numpy(), table["srcid"].to_numpy()
+    hardness = hardness_ratios(table)
+    hardness_filled = np.where(np.isfinite(hardness), hardness, np.nanmedian(hardness, axis=0))
+    return LatentMetrics(
+        latent_dim=vectors.shape[1],
+        n_detections=len(table),
+        knn_latent=knn_classification(vectors, labels, groups, seed=seed),
+        knn_hardness=knn_classification(hardness, labels, groups, seed=seed),
+        precision_at_10_latent=precision_at_k(_standardised(vectors), labels, groups),
+        precision_at_10_hardness=precision_at_k(_standardised(hardness_filled), labels, groups),
+        outliers=outlier_recall(outlier_scores(embeddings), table),
+        path_lengths=path_lengths_by_class(latent_trajectories(embeddings), table),
+        median_deviance_per_dof=float(embeddings["deviance_per_dof"].median()),
+    )
+
+
+def _standardised(features: np.ndarray) -> np.ndarray:
+    features = np.asarray(features, dtype=np.float64)
+    return (features - features.mean(axis=0)) / np.where(features.std(axis=0) > 0, features.std(axis=0), 1)
+
+
+# --- the report ---------------------------------------------------------------------------------
+
+def _md_table(frame: pd.DataFrame, digits: int = 3) -> str:
+    def cell(value: object) -> str:
+        if isinstance(value, float | np.floating):
+            return "n/a" if not np.isfinite(value) else f"{value:.{digits}f}"
+        return str(value)
+
+    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "|" + "|".join("---:" if frame[c].dtype.kind in "fiu" else "---" for c in frame.columns) + "|"
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
+
+
+def _confusion_figure(metrics: LatentMetrics, path: Path) -> Path:
+    figure = Figure(figsize=(7.0, 3.4))
+    axes = figure.subplots(1, 1)
+    names = sorted(metrics.knn_latent.recall_by_class)
+    x = np.arange(len(names))
+    axes.bar(x - 0.2, [metrics.knn_latent.recall_by_class[n] for n in names], 0.4, label="latent space")
+    axes.bar(x + 0.2, [metrics.knn_hardness.recall_by_class.get(n, 0) for n in names], 0.4,
+             label="hardness ratios")
+    axes.set_xticks(x, names)
+    axes.set_ylabel("k-NN recall (grouped CV)")
+    axes.set_ylim(0, 1)
+    axes.legend(frameon=False, fontsize=8)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    return path
+
+
+def latent_report_sections(
+    embeddings: pd.DataFrame, classes: pd.DataFrame, images_dir: str | Path, image_prefix: str = "images/"
+) -> tuple[str, LatentMetrics]:
+    """The latent-space sections of the report (markdown) with their figures written to images_dir."""
+    images = Path(images_dir)
+    metrics = latent_metrics(embeddings, classes)
+    table = labelled(embeddings, classes)
+    projection = MapProjection.fit(latent_matrix(embeddings))
+    plot_latent_density(embeddings, images / "latent_density.png", projection)
+    plot_latent_classes(embeddings, classes, images / "latent_classes.png", projection)
+    _confusion_figure(metrics, images / "latent_knn_recall.png")
+    trajectories = latent_trajectories(embeddings)
+    movers = trajectories.merge(table.groupby("srcid")["class"].first().rename("class"), on="srcid")
+    chosen = [int(s) for c in MOVER_CLASSES for s in movers.loc[movers["class"] == c, "srcid"].head(2)]
+    one_es = table.loc[table["iauname"].astype(str).str.strip() == ONE_ES_IAUNAME, "srcid"].unique().tolist()
+    chosen += [int(s) for s in one_es if int(s) in set(trajectories["srcid"])]
+    if chosen:
+        plot_trajectories(embeddings, chosen, images / "latent_trajectories.png", classes, projection)
+
+    latent, hardness = metrics.knn_latent, metrics.knn_hardness
+    names = sorted(latent.recall_by_class)
+    recall = pd.DataFrame({
+        "class": names,
+        "detections": [int((table["class"] == c).sum()) for c in names],
+        "recall, latent": [latent.recall_by_class[c] for c in names],
+        "recall, hardness ratios": [hardness.recall_by_class.get(c, math.nan) for c in names],
+    })
+    headline = pd.DataFrame({
+        "features": [f"latent means ({metrics.latent_dim}-D)", "hardness ratios (4)"],
+        "accuracy": [latent.accuracy, hardness.accuracy],
+        "balanced accuracy": [latent.balanced_accuracy, hardness.balanced_accuracy],
+        "precision@10": [metrics.precision_at_10_latent, metrics.precision_at_10_hardness],
+    })
+    margin = latent.balanced_accuracy - hardness.balanced_accuracy
+    verdict = "beats" if margin > 0 else "does not beat"
+    lines = [
+        "## Classification in latent space", "",
+        f"{metrics.n_detections} detections with a known class; k-NN (k = {KNN_K}) with 5 folds grouped by "
+        "srcid, so no source is on both sides of a split; features standardised.", "",
+        _md_table(headline), "",
+        f"The latent space **{verdict}** the hardness ratios: balanced accuracy "
+        f"{latent.balanced_accuracy:.3f} vs {hardness.balanced_accuracy:.3f} ({margin:+.3f}, "
+        f"{_ratio(latent.balanced_accuracy, hardness.balanced_accuracy)}); accuracy {latent.accuracy:.3f} "
+        f"vs {hardness.accuracy:.3f} ({latent.accuracy - hardness.accuracy:+.3f}).",
+        "", _md_table(recall), "", f"![k-NN recall by class]({image_prefix}latent_knn_recall.png)", "",
+        f"![latent map by class]({image_prefix}latent_classes.png) "
+        f"![latent density]({image_prefix}latent_density.png)", "",
+    ]
+    lines += ["## Similar spectra", "",
+              f"Precision@10 (share of the 10 nearest other-source neighbours with the query's class): "
+              f"{metrics.precision_at_10_latent:.3f} in latent space, "
+              f"{metrics.precision_at_10_hardness:.3f} on the hardness ratios.", ""]
+    neighbours = soft_state_neighbours(table)
+    if len(neighbours):
+        mix = neighbours["class"].value_counts()
+        soft_share = float(neighbours["class"].isin(SOFT_CLASSES).mean())
+        hr2_median = float(np.nanmedian(table["ep_hr2"])) if "ep_hr2" in table else math.nan
+        softer = float((neighbours["ep_hr2"] < hr2_median).mean()) if "ep_hr2" in neighbours else math.nan
+        shown = [c for c in ["query_detid", "query_state", "distance", "iauname", "class", "state", "ep_hr2"]
+                 if c in neighbours]
+        lines += [f"Neighbours of the 1ES 1927+654-like source ({ONE_ES_IAUNAME}) in its soft state: "
+                  + ", ".join(f"{n} {c}" for c, n in mix.items())
+                  + f". {soft_share:.0%} are TDE / neutron-star classes; {softer:.0%} are softer (HR2) "
+                  f"than the median detection (HR2 median {hr2_median:.2f}).", "",
+                  _md_table(neighbours[shown]), ""]
+    else:
+        lines += [f"The 1ES 1927+654-like source ({ONE_ES_IAUNAME}) is not among the labelled "
+                  "detections.", ""]
+    odd = metrics.outliers
+    lines += ["## Outliers", "",
+              "Outlier score = mean of the percentile ranks of the reconstruction deviance per dof and "
+              f"the mean distance to the {KNN_K} nearest latent neighbours. Of {odd['n_odd']} odd spectra, "
+              f"{odd['found']} are in the top 1% ({odd['n_top']} detections): recall {_fmt(odd['recall'])} "
+              f"(chance: {odd['chance']:.3f}).", ""]
+    lines += ["## Trajectories", "",
+              "Median latent path length of sources with two or more detections, by class (path per step "
+              "divides by the number of steps, so sources observed more often are not favoured):", "",
+              _md_table(metrics.path_lengths), ""]
+    if chosen:
+        lines += [f"![latent trajectories]({image_prefix}latent_trajectories.png)", ""]
+    return "\n".join(lines), metrics
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.3f}"
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b > 0 else "n/a"
+
+
+def evaluate_latent_space(embeddings: pd.DataFrame, classes: pd.DataFrame, out_dir: str | Path) -> str:
+    """Latent-space evaluation of one embeddings table: out_dir/EVALUATION.md and out_dir/images/."""
+    out = Path(out_dir)
+    sections, _ = latent_report_sections(embeddings, classes, out / IMAGES_SUBDIR)
+    version = str(embeddings["model_version"].iloc[0])
+    text = (f"# Latent-space evaluation\n\nModel version `{version}`, {len(embeddings)} detections.\n\n"
+            f"{sections}")
+    write_bytes_atomic(out / REPORT_FILE, text.encode())
+    return text
+
+
+def latent_dimension_study(
+    dataset, classes: pd.DataFrame, work_dir: Path, latent_dims: list[int], max_epochs: int, seed: int = 0
+) -> pd.DataFrame:
+    """Retrain the model at each latent dimension (same training settings) and measure each space."""
+    from xmm_pipeline.latent.embed import embed_dataset
+    from xmm_pipeline.model.train import TrainConfig, load_artifact, train_model
+    from xmm_pipeline.model.vae import VAEConfig
+
+    rows = []
+    for dim in latent_dims:
+        result = train_model(dataset, work_dir / f"latent_dim_{dim}", VAEConfig(latent_dim=dim),
+                             TrainConfig(max_epochs=max_epochs, seed=seed, lr=1e-3))
+        embeddings = embed_dataset(load_artifact(result.artifact_dir), dataset)
+        rows.append(latent_metrics(embeddings, classes, seed=seed).summary_row())
+    return pd.DataFrame(rows)
+
+
+def write_evaluation_report(
+    archive_dir: str | Path,
+    spectra_dir: str | Path,
+    model_dir: str | Path,
+    out_dir: str | Path,
+    latent_dims: list[int] | tuple[int, ...] = (2, 4, 8),
+    max_epochs: int = 60,
+    work_dir: str | Path = "results/evaluation",
+    seed: int = 0,
+) -> Path:
+    """Write out_dir/EVALUATION.md and out_dir/images/*.png from the archive's truth, the spectra and
+    the model: reconstruction (model.evaluate), latent-space metrics, and the latent-dimension study."""
+    from xmm_pipeline.latent.crossmatch import source_classes
+    from xmm_pipeline.latent.embed import embed_dataset
+    from xmm_pipeline.model.evaluate import evaluate_reconstruction
+    from xmm_pipeline.model.train import load_artifact, split_by_source
+    from xmm_pipeline.spectra.dataset import load_dataset
+
+    out, work = Path(out_dir), Path(work_dir)
+    images = out / IMAGES_SUBDIR
+    artifact = load_artifact(model_dir)
+    dataset = load_dataset(spectra_dir)
+    embeddings = embed_dataset(artifact, dataset)
+    classes = source_classes(embeddings, archive_dir=archive_dir)
+    if classes["class"].eq(UNKNOWN).all():
+        raise UserError(f"{archive_dir}: no truth classes for the embedded detections; evaluation needs the "
+                        "simulated archive's truth.parquet")
+    class_of = classes.set_index("detid")["class"]
+
+    train_rows, test_rows = split_by_source(dataset.meta["srcid"].to_numpy(),
+                                            artifact.train_config.val_fraction, artifact.train_config.seed)
+    test_ds = dataset.subset(test_rows)
+    reconstruction_md, _ = evaluate_reconstruction(
+        dataset.subset(train_rows), test_ds, artifact, work / "reconstruction",
+        classes=class_of.reindex(test_ds.meta["detid"]).fillna(UNKNOWN).tolist())
+    figure = work / "reconstruction" / "reconstructions.png"
+    if figure.is_file():
+        images.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(figure, images / "reconstructions.png")
+        reconstruction_md = reconstruction_md.replace("](reconstructions.png)",
+                                                      f"]({IMAGES_SUBDIR}/reconstructions.png)")
+
+    latent_md, metrics = latent_report_sections(embeddings, classes, images)
+    lines = [
+        "# Evaluation", "",
+        f"Produced by `xmm-pipeline evaluate` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC: simulated archive "
+        f"`{archive_dir}` ({len(dataset)} spectra of {dataset.meta['srcid'].nunique()} sources), model "
+        f"`{artifact.version}` (latent dimension {artifact.config.latent_dim}). Classes are the simulated "
+        "truth, never an input of training.", "",
+        "## Reconstruction", "", reconstruction_md, "", latent_md,
+    ]
+    lines += ["## Latent dimension", ""]
+    if latent_dims:
+        study = latent_dimension_study(dataset, classes, work, list(latent_dims), max_epochs, seed)
+        lines += [f"Models retrained with the same settings (at most {max_epochs} epochs, early stopping) at "
+                  f"each latent dimension; the same metrics on each space; deviance on all spectra.", "",
+                  _md_table(study), ""]
+    else:
+        lines += ["Skipped in this run (`--skip-latent-dims`).", ""]
+    text = "\n".join(lines)
+    write_bytes_atomic(out / REPORT_FILE, text.encode())
+    write_bytes_atomic(work / "latent_metrics.json", pd.Series(
+        {k: v for k, v in asdict(metrics).items() if k != "path_lengths"}).to_json(indent=1).encode())
+    return out / REPORT_FILE

@@ -1,0 +1,91 @@
+"""Evaluation metrics on synthetic embeddings with a known answer, and the latent report."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from xmm_pipeline.latent.evaluate import (
+    ONE_ES_IAUNAME,
+    evaluate_latent_space,
+    knn_classification,
+    latent_metrics,
+    outlier_recall,
+    precision_at_k,
+    soft_state_neighbours,
+)
+from xmm_pipeline.latent.products import outlier_scores
+from xmm_pipeline_tests.latent.synthetic import synthetic_embeddings
+
+
+def test_knn_is_cross_validated_by_source() -> None:
+    rng = np.random.default_rng(0)
+    # Each source has a private random label and a private location: only leakage across folds
+    # (detections of one source on both sides) could predict it.
+    groups = np.repeat(np.arange(60), 5)
+    labels = np.repeat(rng.choice(["a", "b", "c"], 60), 5)
+    features = np.repeat(rng.normal(0, 10, (60, 2)), 5, axis=0) + rng.normal(0, 0.01, (300, 2))
+    leaky = knn_classification(features, labels, np.arange(300), k=3)
+    grouped = knn_classification(features, labels, groups, k=3)
+    assert leaky.accuracy > 0.95
+    assert grouped.accuracy < 0.6
+    assert set(grouped.recall_by_class) == {"a", "b", "c"} and grouped.n_samples == 300
+
+
+def test_precision_at_k_skips_the_same_source() -> None:
+    features = np.array([[0.0], [0.0], [1.0], [1.1], [5.0], [5.1]])
+    labels = np.array(["x", "x", "x", "y", "y", "y"])
+    srcids = np.array([1, 1, 2, 3, 4, 5])
+    # source 1's two detections would be perfect neighbours of each other; they do not count
+    assert precision_at_k(features, labels, srcids, k=1) == pytest.approx((1 + 1 + 0 + 0 + 1 + 1) / 6)
+
+
+def test_latent_metrics_on_a_known_answer() -> None:
+    embeddings, classes = synthetic_embeddings(n_sources=200, detections_per_source=3, n_odd=5)
+    metrics = latent_metrics(embeddings, classes)
+    assert metrics.outliers["n_top"] == 7  # 1% of 605
+    assert metrics.knn_latent.accuracy > 0.95
+    # the odd spectra are isolated single detections: no neighbour can vouch for them
+    assert all(r > 0.95 for c, r in metrics.knn_latent.recall_by_class.items() if c != "odd")
+    assert metrics.knn_latent.balanced_accuracy > metrics.knn_hardness.balanced_accuracy + 0.2
+    assert metrics.precision_at_10_latent > metrics.precision_at_10_hardness
+    assert metrics.outliers["n_odd"] == 5 and metrics.outliers["recall"] == 1.0
+    paths = metrics.path_lengths.set_index("class")["median_path_length"]
+    assert paths["TDE"] > 5 * paths["AGN"] and paths["XRB"] > 5 * paths["AGN"]
+    row = metrics.summary_row()
+    assert row["latent dim"] == 2 and row["TDE+XRB / AGN path"] > 5
+
+
+def test_outlier_recall_counts_the_top_percent() -> None:
+    embeddings, classes = synthetic_embeddings(n_sources=100, n_odd=2)
+    ranked = outlier_scores(embeddings)
+    table = embeddings.merge(classes[["detid", "class", "is_odd"]], on="detid")
+    result = outlier_recall(ranked, table, top_fraction=0.01)
+    assert result["n_top"] == int(np.ceil(0.01 * len(table))) and result["found"] == 2
+    reversed_rank = ranked.iloc[::-1]
+    assert outlier_recall(reversed_rank, table)["recall"] == 0.0
+
+
+def test_soft_state_neighbours_of_the_named_source() -> None:
+    embeddings, classes = synthetic_embeddings(n_sources=80, detections_per_source=3, n_odd=0)
+    table = embeddings.merge(classes[["detid", "class"]], on="detid")
+    tde_source = table.loc[table["class"] == "TDE", "srcid"].iloc[0]
+    table.loc[table["srcid"] == tde_source, "iauname"] = ONE_ES_IAUNAME
+    table["state"] = np.where(table["detid"] == table.loc[table["srcid"] == tde_source, "detid"].iloc[0],
+                              "soft blackbody", "power law")
+    neighbours = soft_state_neighbours(table, k=5)
+    assert len(neighbours) == 5 and neighbours["query_state"].eq("soft blackbody").all()
+    assert (neighbours["srcid"] != tde_source).all()
+    assert neighbours["distance"].is_monotonic_increasing
+    assert (neighbours["class"] == "TDE").all()
+    assert soft_state_neighbours(table, iauname="4XMM J235959.9+895959").empty
+
+
+def test_latent_report_is_written(tmp_path) -> None:
+    embeddings, classes = synthetic_embeddings(n_sources=80, detections_per_source=3, n_odd=3)
+    text = evaluate_latent_space(embeddings, classes, tmp_path)
+    assert (tmp_path / "EVALUATION.md").read_text() == text
+    assert "**beats**" in text and "## Outliers" in text and "## Trajectories" in text
+    for name in ("latent_density", "latent_classes", "latent_knn_recall", "latent_trajectories"):
+        assert (tmp_path / "images" / f"{name}.png").stat().st_size > 5000
+        assert f"images/{name}.png" in text
