@@ -342,6 +342,7 @@ class LoopbackServer:
 class _Handler(BaseHTTPRequestHandler):
     app: Any
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
