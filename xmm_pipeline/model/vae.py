@@ -31,7 +31,8 @@ class VAEConfig:
     encoder_widths: tuple[int, ...] = (512, 256, 128)
     branch_widths: tuple[int, ...] = (256, 256)
     trunk_widths: tuple[int, ...] = (128, 128, 128)
-    n_basis: int = 228  # p, the number of DeepONet templates
+    n_basis: int = 224  # p, the number of DeepONet templates
+    trunk_frequencies: int = 6  # Fourier features sin/cos(2^k pi u), k < this, of the scaled log-energy u
     beta: float = 1.0  # weight of the KL term
     e_min_kev: float = 0.3  # energy range the trunk's log-energy input is scaled over
     e_max_kev: float = 10.0
@@ -72,10 +73,15 @@ class DeepONetDecoder(nn.Module):
             self.trunk = None
             self.register_buffer("basis", torch.zeros(config.n_bins, config.n_basis + 1))
         else:
-            self.trunk = mlp(1, config.trunk_widths, config.n_basis + 1)
+            self.trunk = mlp(1 + 2 * config.trunk_frequencies, config.trunk_widths, config.n_basis + 1)
+        self.register_buffer("frequencies", math.pi * 2.0 ** torch.arange(config.trunk_frequencies))
 
     def forward(self, z: torch.Tensor, energy_input: torch.Tensor) -> torch.Tensor:
-        templates = self.basis if self.trunk is None else self.trunk(energy_input[:, None])  # [E, p + 1]
+        if self.trunk is None:
+            templates = self.basis
+        else:
+            phase = energy_input[:, None] * self.frequencies
+            templates = self.trunk(torch.cat([energy_input[:, None], phase.sin(), phase.cos()], dim=-1))
         return self.branch(z) @ templates[:, :-1].T + templates[:, -1]
 
 
@@ -90,13 +96,21 @@ class MLPDecoder(nn.Module):
         return self.net(z)
 
 
+def matched_mlp_widths(config: VAEConfig) -> tuple[int, int]:
+    """Two equal hidden widths giving an MLP decoder about as many parameters as the DeepONet decoder."""
+    target = sum(p.numel() for p in DeepONetDecoder(config).parameters())
+    # (L + 1) w + (w + 1) w + (w + 1) B = target, solved for w
+    b, c = config.latent_dim + 2 + config.n_bins, config.n_bins - target
+    return (round((-b + math.sqrt(b * b - 4 * c)) / 2),) * 2
+
+
 class VAE(nn.Module):
-    def __init__(self, config: VAEConfig, mlp_decoder_widths: tuple[int, ...] = (256, 256)) -> None:
+    def __init__(self, config: VAEConfig) -> None:
         super().__init__()
         self.config = config
         self.encoder = mlp(config.n_bins, config.encoder_widths, 2 * config.latent_dim)
         if config.decoder == "mlp":
-            self.decoder: nn.Module = MLPDecoder(config, mlp_decoder_widths)
+            self.decoder: nn.Module = MLPDecoder(config, matched_mlp_widths(config))
         else:
             self.decoder = DeepONetDecoder(config, fixed_basis=config.decoder == "pca_trunk")
         edges = np.geomspace(config.e_min_kev, config.e_max_kev, config.n_bins + 1)
@@ -144,7 +158,7 @@ class SpectraTensors:
     @classmethod
     def from_dataset(cls, dataset: Any, device: torch.device | str = "cpu") -> SpectraTensors:
         def as_tensor(a: np.ndarray) -> torch.Tensor:
-            return torch.as_tensor(np.ascontiguousarray(a, dtype=np.float32), device=device)
+            return torch.from_numpy(np.require(a, np.float32, ["C", "W"])).to(device)
 
         widths = np.diff(dataset.grid.edges_kev).astype(np.float32)
         return cls(

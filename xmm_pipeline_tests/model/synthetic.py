@@ -3,15 +3,18 @@
 Four classes on the grid (absorbed power law AGN, a two-temperature line-rich star, a disc-like XRB,
 a very soft TDE), an effective area with the pn's shape, Gaussian redistribution with the pn's
 FWHM(E) (two matrices of slightly different resolution), a flat background, Poisson counts, and the
-unfolded spectrum as net counts / (area x exposure x bin width), normalised to unit total.
+unfolded spectrum defined as spectra.preprocess defines it: E^2 x max(net counts, 0) / (folded area x
+exposure x bin width), normalised to unit mean.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
-from xmm_pipeline.spectra.dataset import SpectralDataset
+from xmm_pipeline.spectra.dataset import RESPONSES_FILE, SPECTRA_SUBDIR, SpectralDataset
 from xmm_pipeline.spectra.grid import EnergyGrid
 
 CLASSES = ("AGN", "star", "XRB", "TDE")
@@ -81,9 +84,10 @@ def make_synthetic_dataset(n_spectra: int = 200, seed: int = 0, grid: EnergyGrid
         source_counts = folded * total / folded.sum()
         bkg = np.full(grid.n_bins, rng.uniform(0.01, 0.3), dtype=np.float32)
         n = rng.poisson(source_counts + bkg).astype(np.float32)
-        net = (n - bkg) / (ae * widths)
+        flux = np.clip(n - bkg, 0.0, None) / (rmfs[r] @ ae * widths)
+        nu_f_nu = centres**2 * flux
         counts.append(n), background.append(bkg), area_exposure.append(ae), rmf_index.append(r)
-        unfolded.append((net / np.abs(net).sum()).astype(np.float32))
+        unfolded.append((nu_f_nu / nu_f_nu.mean()).astype(np.float32))
         rows.append({"detid": 10_000 + i, "srcid": 5_000 + int(source), "obs_id": f"{i:010d}", "src_num": 1,
                      "iauname": f"4XMM J{i:06d}.0+000000", "mjd": 51_000.0 + i, "class": kind})
     return SpectralDataset(
@@ -97,3 +101,30 @@ def make_synthetic_dataset(n_spectra: int = 200, seed: int = 0, grid: EnergyGrid
         unfolded=np.stack(unfolded),
         meta=pd.DataFrame(rows),
     )
+
+
+def write_spectra_dir(dataset: SpectralDataset, out_dir: Path) -> Path:
+    """Write the dataset in the on-disk layout spectra.dataset.load_dataset reads (one file per obs_id)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (out_dir / SPECTRA_SUBDIR).mkdir(parents=True, exist_ok=True)
+    n_bins = dataset.grid.n_bins
+    responses = pa.table({
+        "rmf_id": dataset.rmf_ids,
+        "e_min_kev": [dataset.grid.e_min_kev] * len(dataset.rmf_ids),
+        "e_max_kev": [dataset.grid.e_max_kev] * len(dataset.rmf_ids),
+        "n_bins": [n_bins] * len(dataset.rmf_ids),
+        "matrix": pa.FixedSizeListArray.from_arrays(pa.array(dataset.rmf_matrices.ravel()), n_bins * n_bins),
+    })
+    pq.write_table(responses, out_dir / RESPONSES_FILE)
+    meta = dataset.meta.assign(rmf_id=[dataset.rmf_ids[r] for r in dataset.rmf_index])
+    columns = {"counts": dataset.counts.astype(np.int32), "background": dataset.background,
+               "area_exposure_cm2_s": dataset.area_exposure, "unfolded": dataset.unfolded}
+    for obs_id, rows in meta.groupby("obs_id").indices.items():
+        table = pa.Table.from_pandas(meta.iloc[rows], preserve_index=False)
+        for name, values in columns.items():
+            column = pa.FixedSizeListArray.from_arrays(pa.array(values[rows].ravel()), n_bins)
+            table = table.append_column(name, column)
+        pq.write_table(table, out_dir / SPECTRA_SUBDIR / f"{obs_id}.parquet")
+    return out_dir
