@@ -117,17 +117,21 @@ def latent_trajectories(storage: StorageResource) -> MaterializeResult:
 
 @asset(
     group_name=GROUP,
-    deps=[selected_detections],
+    deps=[latent_embeddings, selected_detections],
     code_version=code_version("xmm_pipeline.latent.crossmatch"),
-    description="A class per detection: the simulated truth table, or SIMBAD over TAP for the real archive.",
+    description="A class per embedded detection: simulated truth table, or SIMBAD over TAP (real archive).",
 )
 def source_classes(storage: StorageResource, archive: ArchiveResource) -> MaterializeResult:
-    from xmm_pipeline.latent.crossmatch import source_classes as crossmatch
+    from xmm_pipeline.latent.crossmatch import classes_for_archive
 
-    selected = pd.read_parquet(storage.selected_path)
-    simbad = archive.simbad_tap_url if archive.kind == "xsa" else None
-    frame = crossmatch(
-        selected, archive_dir=archive.root, tap_url=simbad, radius_arcsec=archive.crossmatch_radius_arcsec
+    embedded = pd.read_parquet(embeddings_path(storage), columns=["detid"])
+    selected = pd.read_parquet(storage.selected_path, columns=["detid", "srcid", "ra", "dec"])
+    detections = selected[selected["detid"].isin(embedded["detid"])].reset_index(drop=True)
+    frame = classes_for_archive(
+        archive.get_archive(),
+        detections,
+        tap_url=archive.simbad_tap_url,
+        radius_arcsec=archive.crossmatch_radius_arcsec,
     )
     path = storage.latent_dir / "classes.parquet"
     write_parquet_atomic(path, frame)

@@ -1,9 +1,10 @@
 """Model domain: the VAE with the DeepONet decoder, trained in the `gpu` pool (CPU where none)."""
 
 import math
+from pathlib import Path
 
 import numpy as np
-from dagster import AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, DataVersion, MaterializeResult, asset
 from matplotlib.figure import Figure
 
 from xmm_pipeline.orchestration.assets_spectra import training_set
@@ -14,16 +15,13 @@ from xmm_pipeline.storage import write_json_atomic
 
 GROUP = "model"
 VALIDATION_FILE = "validation.json"
-N_RECONSTRUCTION_PLOTS = 4
 
 
 @asset(
     group_name=GROUP,
     deps=[training_set],
     pool="gpu",
-    code_version=code_version(
-        "xmm_pipeline.model.vae", "xmm_pipeline.model.train", "xmm_pipeline.model.baselines"
-    ),
+    code_version=code_version("xmm_pipeline.model.vae", "xmm_pipeline.model.train"),
     description="The VAE (MLP encoder, DeepONet decoder) on the training set; never retrained automatically.",
 )
 def vae_model(
@@ -42,9 +40,9 @@ def vae_model(
         on_epoch_end=lambda row: context.log.debug(f"epoch {row}"),
     )
     artifact = load_artifact(result.artifact_dir)
-    validation = validation_summary(dataset, artifact, model)
+    validation = validation_summary(dataset, artifact)
     write_json_atomic(storage.model_dir / VALIDATION_FILE, validation)
-    figures = reconstruction_plots(dataset, artifact, model, storage.model_dir / "figures")
+    figure = reconstruction_plot(dataset, artifact, storage.model_dir / "reconstructions.png")
     return MaterializeResult(
         data_version=DataVersion(result.version),
         metadata={
@@ -59,47 +57,46 @@ def vae_model(
             "PCA baseline deviance per dof": validation["pca_deviance_per_dof"],
             "trained on spectra": len(dataset),
             "loss curve": figure_markdown(loss_curve_figure(result.history), "loss curve"),
-            "reconstructions": png_markdown(figures[0], "reconstruction")
-            if figures
-            else MetadataValue.text("none"),
+            "reconstructions": png_markdown(figure, "input counts vs folded reconstruction"),
         },
     )
 
 
-def validation_rows(dataset, model: ModelSettings) -> np.ndarray:
+def validation_split(dataset, model: ModelSettings):
+    """(train, validation) datasets: the training's own split by source (same function and seed)."""
     from xmm_pipeline.model.train import source_ids, split_by_source
 
-    return split_by_source(source_ids(dataset), model.val_fraction, model.seed)[1]
+    train_rows, val_rows = split_by_source(source_ids(dataset), model.val_fraction, model.seed)
+    return dataset.subset(train_rows), dataset.subset(val_rows)
 
 
-def validation_summary(dataset, artifact, model: ModelSettings) -> dict[str, float]:
-    """Validation loss of the trained model and deviance per dof of the model and the PCA baseline.
+def validation_summary(dataset, artifact) -> dict[str, float]:
+    """Validation loss of the trained model, and the deviance per dof of the model and of a plain PCA
+    of the same latent dimension (folded the same way) on the model's own validation spectra."""
+    from xmm_pipeline.model.baselines import LogPCA
+    from xmm_pipeline.model.vae import poisson_deviance_per_dof
 
-    Both are measured on the model's own validation split; the `vae_model_beats_pca` check reads it.
-    """
-    from xmm_pipeline.model.baselines import pca_baseline_deviance
-
-    history = [row for row in artifact.description.get("history", []) if "val_loss" in row]
-    summary = artifact.description.get("history_summary", {})
-    val_rows = validation_rows(dataset, model)
-    validation = dataset.subset(val_rows)
-    train = dataset.subset(np.setdiff1d(np.arange(len(dataset)), val_rows))
-    vae = float(np.mean(artifact.deviance_per_dof(validation)))
-    pca = float(np.mean(pca_baseline_deviance(train, validation, model.latent_dim)))
-    val_loss = summary.get("best_val_loss", history[-1]["val_loss"] if history else math.nan)
+    train, validation = validation_split(
+        dataset,
+        ModelSettings(val_fraction=artifact.train_config.val_fraction, seed=artifact.train_config.seed),
+    )
+    n_fitted = artifact.config.latent_dim + 1
+    pca = LogPCA.fit(train, artifact.config.latent_dim).reconstruct(
+        validation, artifact.config.norm_iterations
+    )
+    val_loss = artifact.description.get("history_summary", {}).get("best_val_loss")
     return {
-        "val_loss": float(val_loss) if val_loss is not None else math.nan,
-        "vae_deviance_per_dof": vae,
-        "pca_deviance_per_dof": pca,
-        "n_validation": len(val_rows),
+        "val_loss": math.nan if val_loss is None else float(val_loss),
+        "vae_deviance_per_dof": float(np.mean(artifact.deviance_per_dof(validation))),
+        "pca_deviance_per_dof": float(np.mean(poisson_deviance_per_dof(validation.counts, pca, n_fitted))),
+        "n_validation": len(validation),
     }
 
 
 def loss_curve_figure(history: list[dict[str, float]]) -> Figure:
     figure = Figure(figsize=(6, 3.6))
     axes = figure.add_subplot(1, 1, 1)
-    epochs = [row["epoch"] for row in history]
-    axes.plot(epochs, [row["train_loss"] for row in history], label="train")
+    axes.plot([row["epoch"] for row in history], [row["train_loss"] for row in history], label="train")
     evaluated = [row for row in history if "val_loss" in row]
     axes.plot([row["epoch"] for row in evaluated], [row["val_loss"] for row in evaluated], label="validation")
     axes.set_xlabel("epoch")
@@ -108,27 +105,20 @@ def loss_curve_figure(history: list[dict[str, float]]) -> Figure:
     return figure
 
 
-def reconstruction_plots(dataset, artifact, model: ModelSettings, out_dir) -> list:
-    """Folded reconstructions of the brightest validation spectra, as PNG files."""
-    from xmm_pipeline.latent.products import plot_reconstruction
+def reconstruction_plot(dataset, artifact, path: Path) -> Path:
+    """Input counts against the folded reconstruction for four validation spectra (the seed's slides)."""
+    from xmm_pipeline.model.evaluate import pick_examples, plot_reconstructions
 
-    val_rows = validation_rows(dataset, model)
-    if len(val_rows) == 0:
-        return []
-    brightest = val_rows[np.argsort(dataset.counts[val_rows].sum(axis=1))[::-1][:N_RECONSTRUCTION_PLOTS]]
-    subset = dataset.subset(brightest)
-    expected = artifact.reconstruct(subset)
-    paths = []
-    for i in range(len(subset)):
-        detid = int(subset.meta["detid"].iloc[i])
-        paths.append(
-            plot_reconstruction(
-                dataset.grid.edges_kev,
-                subset.counts[i],
-                subset.background[i],
-                expected[i],
-                out_dir / f"reconstruction_{detid}.png",
-                title=f"detid {detid}",
-            )
-        )
-    return paths
+    _, validation = validation_split(
+        dataset,
+        ModelSettings(val_fraction=artifact.train_config.val_fraction, seed=artifact.train_config.seed),
+    )
+    examples = pick_examples(validation, None)
+    rows = [row for _, row in examples]
+    subset = validation.subset(np.array(rows, dtype=np.int64))
+    expected = np.zeros_like(validation.counts, dtype=np.float64)
+    expected[rows] = artifact.reconstruct(subset)
+    deviance = np.zeros(len(validation))
+    deviance[rows] = artifact.deviance_per_dof(subset)
+    plot_reconstructions(validation, expected, examples, deviance, path)
+    return path

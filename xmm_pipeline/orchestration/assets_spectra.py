@@ -1,6 +1,7 @@
 """Spectra domain: per-observation Parquet spectra (partitioned by obs_id) and the training set."""
 
 import shutil
+from collections import Counter
 
 import pandas as pd
 from dagster import (
@@ -14,7 +15,7 @@ from dagster import (
 
 from xmm_pipeline.orchestration.assets_archive import selected_detections
 from xmm_pipeline.orchestration.metadata import counts_markdown, path_value
-from xmm_pipeline.orchestration.partitions import observation_partitions
+from xmm_pipeline.orchestration.partitions import NOT_HASHED, observation_partitions
 from xmm_pipeline.orchestration.resources import ArchiveResource, ModelSettings, StorageResource
 from xmm_pipeline.orchestration.versions import code_version
 from xmm_pipeline.storage import (
@@ -50,43 +51,59 @@ def pn_spectra(
     One run covers many observations (a partition range); an observation whose inputs are unchanged
     since it was last written is skipped by the preprocessing itself, so re-running does no work.
     """
+    from xmm_pipeline.spectra.dataset import RESPONSES_FILE
     from xmm_pipeline.spectra.preprocess import (
         PreprocessConfig,
         ResponseCache,
         preprocess_observation,
+        reason_category,
         write_responses,
     )
 
     obs_ids = sorted(context.partition_keys)
     selected = pd.read_parquet(storage.selected_path)
-    selected = selected[selected["obs_id"].isin(obs_ids)]
+    selected = selected[selected["obs_id"].isin(obs_ids)].drop(columns=NOT_HASHED)
     source = archive.get_archive()
     quarantined = source.fetch_observations(obs_ids)
     config = PreprocessConfig()
-    cache = ResponseCache(source.responses_dir(), config)
+    cache = ResponseCache(config.grid)
     written, skipped, rows = 0, 0, 0
     for _, obs_rows in selected.groupby("obs_id", sort=True):
         result = preprocess_observation(obs_rows, source.root, storage.spectra_dir, config, cache)
         written += int(not result.skipped)
         skipped += int(result.skipped)
-        rows += result.n_spectra
+        rows += result.n_written
         quarantined.extend(result.quarantine)
-    write_responses(cache, storage.spectra_dir)
+    removed = remove_withdrawn(storage, sorted(set(obs_ids) - set(selected["obs_id"])))
+    if cache.responses() or not (storage.spectra_dir / RESPONSES_FILE).exists():
+        write_responses(storage.spectra_dir, cache)
     merged = _merge_quarantine(storage, obs_ids, quarantine_frame(quarantined))
-    reasons = merged["stage"].value_counts().to_dict() if len(merged) else {}
+    reasons = Counter(reason_category(r) for r in merged["reason"])
     return MaterializeResult(
         metadata={
             "observations in run": len(obs_ids),
             "observations written": written,
             "observations unchanged (skipped)": skipped,
+            "observations withdrawn (no selected detection left)": removed,
             "spectra": rows,
             "quarantined in run": len(quarantined),
-            "quarantined by stage (all)": counts_markdown(
-                {str(k): int(v) for k, v in reasons.items()}, "stage"
-            ),
+            "quarantined by reason (all)": counts_markdown(dict(reasons.most_common())),
             "path": path_value(storage.spectra_dir),
         }
     )
+
+
+def remove_withdrawn(storage: StorageResource, obs_ids: list[str]) -> int:
+    """Delete the spectra of observations that a new release left without a selected detection."""
+    from xmm_pipeline.spectra.dataset import SPECTRA_SUBDIR
+
+    removed = 0
+    for obs_id in obs_ids:
+        path = storage.spectra_dir / SPECTRA_SUBDIR / f"{obs_id}.parquet"
+        if path.exists():
+            path.unlink()
+            removed += 1
+    return removed
 
 
 def _merge_quarantine(storage: StorageResource, obs_ids: list[str], records: pd.DataFrame) -> pd.DataFrame:

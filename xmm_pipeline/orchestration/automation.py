@@ -59,7 +59,6 @@ DATA_VERSION_TAG = "dagster/data_version"
 ingest_job = define_asset_job(
     "ingest",
     selection=AssetSelection.assets(detections, selected_detections, pn_spectra),
-    partitions_def=observation_partitions,
     tags=INGEST_TAG,
     description="Catalogue to spectra for a range of observations (the release sensor picks the range).",
 )
@@ -76,7 +75,6 @@ reembed_job = define_asset_job(
 all_job = define_asset_job(
     "all",
     selection=AssetSelection.all() - AssetSelection.assets(catalogue_release.key),
-    partitions_def=observation_partitions,
     tags=INGEST_TAG,
     description="Everything, for a range of observations (the demo runs it over all of them).",
 )
@@ -112,7 +110,8 @@ def plan_release(
     """New observations to register, and the partition ranges to ingest for a new release.
 
     An observation is ingested when it is new, when its selected catalogue rows changed since the
-    last ingest (the manifest written by `selected_detections`), or when it was never materialised.
+    last ingest (the manifest written by `selected_detections`), when it was never materialised, or
+    when it lost all its selected detections (its spectra file is then removed).
     """
     from xmm_pipeline.spectra.preprocess import PreprocessConfig, select_detections
 
@@ -124,6 +123,8 @@ def plan_release(
     materialised = instance.get_materialized_partitions(pn_spectra.key)
     wanted = set(changed_observations(previous, manifest))
     wanted |= {o for o in manifest["obs_id"] if o not in materialised}
+    if previous is not None:
+        wanted |= set(previous["obs_id"]) - set(manifest["obs_id"])
     ranges = contiguous_ranges(known + new, sorted(wanted), MAX_OBSERVATIONS_PER_RUN)
     return new, ranges
 

@@ -16,8 +16,9 @@ OBSERVATION_PARTITIONS_NAME = "observations"
 observation_partitions = DynamicPartitionsDefinition(name=OBSERVATION_PARTITIONS_NAME)
 
 MANIFEST_COLUMNS = ["obs_id", "n_selected", "rows_hash"]
-# Columns that label a row without changing what is processed: a new release renames every row.
-NOT_HASHED = ["release"]
+# Columns that do not change what is computed from a row but change with every release: its label,
+# and a source's detection count (a new observation of a source would otherwise redo its old ones).
+NOT_HASHED = ["release", "n_detections"]
 
 
 def observation_manifest(selected: pd.DataFrame) -> pd.DataFrame:
