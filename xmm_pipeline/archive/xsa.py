@@ -16,6 +16,7 @@ import json
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ import pandas as pd
 import pyvo
 import requests
 from astropy.io import fits
-from pyvo.dal.exceptions import DALQueryError, DALServiceError
+from pyvo.dal.exceptions import DALOverflowWarning, DALQueryError, DALServiceError
 
 from xmm_pipeline.archive.base import CATALOGUE_FILE, Archive
 from xmm_pipeline.archive.catalogue import (
@@ -202,16 +203,25 @@ class XSAArchive(Archive):
     def _service(self) -> pyvo.dal.TAPService:
         return pyvo.dal.TAPService(self.tap_url, session=_TimeoutSession(self.policy.timeout_s))
 
-    def query(self, adql: str, mode: str = "sync") -> pd.DataFrame:
-        """Run one ADQL query (composed by this module from validated values) with retries."""
+    def query(self, adql: str, mode: str = "sync", allow_truncated: bool = False) -> pd.DataFrame:
+        """Run one ADQL query (composed by this module from validated values) with retries.
+
+        A result the service cut at its row limit (QUERY_STATUS OVERFLOW) is an error unless
+        `allow_truncated` (the paged reader, which keeps asking until a page comes back empty).
+        """
         service = self._service()
         reason = ""
         for attempt in range(self.policy.retries + 1):
             try:
-                if mode == "async":
-                    result = service.run_async(adql, timeout=max(self.policy.timeout_s, 600.0))
-                else:
-                    result = service.run_sync(adql)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DALOverflowWarning)
+                    if mode == "async":
+                        result = service.run_async(adql, timeout=max(self.policy.timeout_s, 600.0))
+                    else:
+                        result = service.run_sync(adql)
+                if str(result.status[0]).upper() == "OVERFLOW" and not allow_truncated:
+                    raise UserError(f"TAP service {self.tap_url} truncated the result at its row limit "
+                                    f"({len(result)} rows); use fetch_mode='paged'")
                 return _votable_frame(result.to_table())
             except DALQueryError as error:
                 raise UserError(f"TAP service {self.tap_url} rejected the query: {error}") from error
@@ -295,12 +305,13 @@ class XSAArchive(Archive):
         pages = []
         offset = 0
         while True:
-            page = self.query(adql_select(columns, self.table, where, self.page_size, order_by, offset))
+            page = self.query(adql_select(columns, self.table, where, self.page_size, order_by, offset),
+                              allow_truncated=True)
+            if page.empty:
+                break
             pages.append(page)
             offset += len(page)
-            if len(page) < self.page_size:
-                break
-        return pd.concat(pages, ignore_index=True)
+        return pd.concat(pages, ignore_index=True) if pages else page
 
     def _order_key(self, schema: str) -> str:
         keys = ["detid"] if schema != SCHEMA_5XMM else ["srcid", "obs_id", "pps_srcnum"]
@@ -430,6 +441,12 @@ class XSAArchive(Archive):
             records.extend(self._fetch_responses(respfiles, pool))
         shutil.rmtree(partial, ignore_errors=True)
         return records
+
+    def forget_observations(self, obs_ids: Sequence[str]) -> None:
+        """Mark observations as not yet complete (e.g. re-processed in a new release): the next
+        fetch_observations asks the archive again and replaces their files atomically."""
+        for obs_id in obs_ids:
+            self._marker(validate_obs_id(obs_id)).unlink(missing_ok=True)
 
     def _marker(self, obs_id: str) -> Path:
         return self.observation_dir(obs_id) / OBSERVATION_MARKER

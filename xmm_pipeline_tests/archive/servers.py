@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 from astropy.io import fits
 from astropy.io.votable import from_table
+from astropy.io.votable.tree import Info
 from astropy.table import MaskedColumn, Table
 
 from xmm_pipeline.archive.download import PN_SPECTRAL_PRODUCT
@@ -263,8 +264,9 @@ def run_adql(query: str, tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return frame[columns].reset_index(drop=True)
 
 
-def votable_bytes(frame: pd.DataFrame) -> bytes:
-    """A DataFrame as a TAP result VOTable; None/NaN in string and integer columns become nulls."""
+def votable_bytes(frame: pd.DataFrame, overflow: bool = False) -> bytes:
+    """A DataFrame as a TAP result VOTable; None/NaN in string and integer columns become nulls.
+    `overflow` adds QUERY_STATUS=OVERFLOW, as a service does when it cut the result at its limit."""
     table = Table()
     for name in frame.columns:
         series = frame[name]
@@ -283,6 +285,7 @@ def votable_bytes(frame: pd.DataFrame) -> bytes:
     votable = from_table(table)
     resource = votable.resources[0]
     resource.type = "results"
+    resource.infos.append(Info(name="QUERY_STATUS", value="OVERFLOW" if overflow else "OK"))
     buffer = io.BytesIO()
     votable.to_xml(buffer)
     return buffer.getvalue()
@@ -443,10 +446,13 @@ class _TapHandler(_Handler):
 
 
 class TapServer(LoopbackServer):
-    """TAP on /tap (sync, async) over `catalogue`; swap `catalogue` to simulate a new release."""
+    """TAP on /tap (sync, async) over `catalogue`; swap `catalogue` to simulate a new release.
+    `max_rows` is the service's row limit on catalogue queries: longer results are cut and flagged
+    OVERFLOW (TAP_SCHEMA answers stay whole)."""
 
-    def __init__(self, catalogue: TapCatalogue) -> None:
+    def __init__(self, catalogue: TapCatalogue, max_rows: int = 10**9) -> None:
         self.catalogue = catalogue
+        self.max_rows = max_rows
         self.jobs: dict[str, _Job] = {}
         super().__init__(_TapHandler)
         self.tap_url = f"{self.url}/tap"
@@ -473,9 +479,10 @@ class TapServer(LoopbackServer):
             return 400, error_votable(str(error))
         except Exception as error:
             return 500, error_votable(f"internal error: {error!r}")
-        if maxrec not in (None, ""):
-            result = result.iloc[: int(maxrec)]
-        return 200, votable_bytes(result)
+        on_catalogue = "tap_schema." not in query.lower()
+        limit = self.max_rows if on_catalogue else len(result)
+        limit = min(int(maxrec), limit) if maxrec not in (None, "") else limit
+        return 200, votable_bytes(result.iloc[:limit], overflow=len(result) > limit)
 
     def run_job(self, job_id: str, maxrec: str | None) -> None:
         job = self.jobs[job_id]

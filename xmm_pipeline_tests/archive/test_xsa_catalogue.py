@@ -50,7 +50,7 @@ def _queries(tap: TapServer) -> list[str]:
 
 @pytest.mark.parametrize("mode", ["sync", "async", "paged"])
 def test_catalogue_in_every_fetch_mode(mode: str, releases, tap: TapServer, tmp_path: Path) -> None:
-    archive = _archive(tmp_path, tap, fetch_mode=mode, page_size=5)
+    archive = _archive(tmp_path, tap, fetch_mode=mode, page_size=3)
     out = archive.fetch_catalogue()
     pd.testing.assert_frame_equal(out.sort_values("detid").reset_index(drop=True), releases["DR14"])
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "catalogue.parquet"), out)
@@ -58,7 +58,15 @@ def test_catalogue_in_every_fetch_mode(mode: str, releases, tap: TapServer, tmp_
     if mode == "async":
         assert any(p.startswith("/tap/async/") and p.endswith("/results/result") for p in paths)
     if mode == "paged":
-        assert tap.count(lambda m, p: p == "/tap/sync") >= 1 + len(out) // 5
+        assert tap.count(lambda m, p: p == "/tap/sync") >= 2 + len(out) // 3
+
+
+def test_service_row_limit(releases, tap: TapServer, tmp_path: Path) -> None:
+    tap.max_rows = 5
+    with pytest.raises(UserError, match="truncated the result at its row limit"):
+        _archive(tmp_path, tap, fetch_mode="sync").fetch_catalogue()
+    out = _archive(tmp_path, tap, fetch_mode="paged", page_size=50).fetch_catalogue()
+    pd.testing.assert_frame_equal(out.sort_values("detid").reset_index(drop=True), releases["DR14"])
 
 
 def test_5xmm_stacked_catalogue(releases, tap: TapServer, tmp_path: Path) -> None:

@@ -1,0 +1,82 @@
+"""The XSA client over loopback servers serving the simulated archive reproduces that archive."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from astropy.io import fits
+
+from xmm_pipeline.archive.catalogue import as_canonical
+from xmm_pipeline.archive.download import PN_SPECTRAL_PRODUCT
+from xmm_pipeline.archive.xsa import XSAArchive
+from xmm_pipeline_tests.archive.servers import AioServer, TapCatalogue, TapServer, as_4xmm_table
+
+TABLE = "xsa.v_epic_source_cat"
+N_OBSERVATIONS = 6
+
+
+@pytest.fixture(scope="module")
+def served(sim_archive: Path):
+    catalogue = pd.read_parquet(sim_archive / "catalogue.parquet")
+    with TapServer(TapCatalogue(TABLE, as_4xmm_table(catalogue), "4XMM-DR14 detections")) as tap, \
+            AioServer(sim_archive) as aio:
+        yield catalogue, tap, aio
+
+
+def _archive(root: Path, tap: TapServer, aio: AioServer, release: str) -> XSAArchive:
+    return XSAArchive(root, tap_url=tap.tap_url, table=TABLE, aio_url=aio.aio_url, rmf_url=aio.rmf_url,
+                      timeout_s=10, retries=1, backoff_s=0.01, release=release)
+
+
+def _observations(catalogue: pd.DataFrame, sim_archive: Path) -> list[str]:
+    observations = catalogue["obs_id"].unique()
+    with_products = sorted(o for o in observations if any((sim_archive / o / "pps").glob("*.FTZ")))
+    return with_products[:: max(1, len(with_products) // N_OBSERVATIONS)][:N_OBSERVATIONS]
+
+
+def test_download_reproduces_the_simulated_archive(sim_archive: Path, served, tmp_path: Path) -> None:
+    catalogue, tap, aio = served
+    release = str(catalogue["release"].iloc[0])
+    archive = _archive(tmp_path, tap, aio, release)
+    fetched = archive.fetch_catalogue()
+    expected = as_canonical(catalogue).sort_values("detid").reset_index(drop=True)
+    pd.testing.assert_frame_equal(fetched.sort_values("detid").reset_index(drop=True), expected)
+
+    obs_ids = _observations(catalogue, sim_archive)
+    assert archive.fetch_observations(obs_ids) == []
+    for obs_id in obs_ids:
+        source = {p.name: p.read_bytes() for p in (sim_archive / obs_id / "pps").glob("P*.FTZ")
+                  if PN_SPECTRAL_PRODUCT.match(p.name)}
+        mine = {p.name: p.read_bytes() for p in archive.observation_dir(obs_id).glob("*.FTZ")}
+        assert mine == source, obs_id
+    for spectrum in tmp_path.glob("*/pps/*SRSPEC*.FTZ"):
+        respfile = Path(fits.getheader(spectrum, "SPECTRUM")["RESPFILE"]).name
+        stem = respfile[: -len(".rmf")] if respfile.endswith(".rmf") else respfile
+        served_rmf = next((sim_archive / "responses" / "PN").glob(f"{stem}*.rmf"))
+        downloaded = next(archive.responses_dir().glob(f"{stem}*.rmf"))
+        assert downloaded.read_bytes() == served_rmf.read_bytes()
+
+    before = aio.count()
+    assert _archive(tmp_path, tap, aio, release).fetch_observations(obs_ids) == []
+    assert aio.count() == before
+
+
+def test_fingerprint_follows_simulated_releases(tmp_path_factory: pytest.TempPathFactory) -> None:
+    from xmm_pipeline.archive.simulated import simulate_archive
+
+    roots = {}
+    for release in ("DR14", "DR15"):
+        roots[release] = tmp_path_factory.mktemp(f"fingerprint_{release}")
+        simulate_archive(roots[release], release=release, n_detections=150, seed=11)
+    tables = {r: as_4xmm_table(pd.read_parquet(roots[r] / "catalogue.parquet")) for r in roots}
+    with TapServer(TapCatalogue(TABLE, tables["DR14"], "4XMM detections")) as tap:
+        archive = XSAArchive(tmp_path_factory.mktemp("fp"), tap_url=tap.tap_url, table=TABLE, timeout_s=10)
+        dr14 = archive.release_fingerprint()
+        assert archive.release_fingerprint() == dr14
+        tap.catalogue = TapCatalogue(TABLE, tables["DR15"], "4XMM detections")
+        dr15 = archive.release_fingerprint()
+        assert dr15 != dr14 and archive.release_fingerprint() == dr15
+        tap.catalogue = TapCatalogue(TABLE, tables["DR14"], "4XMM detections")
+        assert archive.release_fingerprint() == dr14
