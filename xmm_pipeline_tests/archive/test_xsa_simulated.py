@@ -80,3 +80,22 @@ def test_fingerprint_follows_simulated_releases(tmp_path_factory: pytest.TempPat
         assert dr15 != dr14 and archive.release_fingerprint() == dr15
         tap.catalogue = TapCatalogue(TABLE, tables["DR14"], "4XMM detections")
         assert archive.release_fingerprint() == dr14
+
+
+def test_preprocessing_reads_a_download_like_the_simulated_archive(
+    sim_archive: Path, spectra_dir: Path, served, tmp_path: Path
+) -> None:
+    """`preprocess --archive DIR` on a download gives the same spectra as on the simulated archive."""
+    from xmm_pipeline.spectra.preprocess import preprocess_archive
+
+    catalogue, tap, aio = served
+    archive = _archive(tmp_path / "download", tap, aio, str(catalogue["release"].iloc[0]))
+    expected_files = sorted((spectra_dir / "spectra").glob("*.parquet"))
+    obs_ids = [p.stem for p in expected_files[:: max(1, len(expected_files) // 4)][:4]]
+    archive.fetch_catalogue_rows(obs_ids)
+    assert archive.fetch_observations(obs_ids) == []
+    preprocess_archive(tmp_path / "download", tmp_path / "spectra")
+    for obs_id in obs_ids:
+        mine = pd.read_parquet(tmp_path / "spectra" / "spectra" / f"{obs_id}.parquet")
+        theirs = pd.read_parquet(spectra_dir / "spectra" / f"{obs_id}.parquet")
+        pd.testing.assert_frame_equal(mine, theirs)
