@@ -225,28 +225,67 @@ def _data_size(header: Mapping[str, Any]) -> int:
     return -(-size // _BLOCK) * _BLOCK
 
 
-def _table_columns(header: Mapping[str, Any], data: bytes, start: int) -> dict[str, np.ndarray]:
+@dataclass(frozen=True)
+class _VarLength:
+    """A variable-length array column: all rows' values concatenated, and each row's length."""
+
+    values: np.ndarray
+    counts: np.ndarray  # int64 [rows]
+
+    @classmethod
+    def from_rows(cls, rows: Any, dtype: Any) -> _VarLength:
+        parts = [np.atleast_1d(np.asarray(row, dtype=dtype)) for row in rows]
+        counts = np.array([len(part) for part in parts], dtype=np.int64)
+        return cls(np.concatenate(parts) if parts else np.zeros(0, dtype), counts)
+
+
+def _heap_values(descriptors: np.ndarray, heap: memoryview, dtype: np.dtype) -> _VarLength:
+    counts, offsets = descriptors[:, 0].astype(np.int64), descriptors[:, 1].astype(np.int64)
+    sizes = counts * dtype.itemsize
+    if np.any(offsets + sizes > len(heap)) or np.any(counts < 0):
+        raise ValueError("variable-length array descriptor points outside the heap")
+    total = int(counts.sum())
+    contiguous = len(counts) == 0 or bool(np.all(offsets[1:] == offsets[:-1] + sizes[:-1]))
+    if contiguous:
+        start = int(offsets[0]) if len(offsets) else 0
+        values = np.frombuffer(heap, dtype=dtype, count=total, offset=start)
+    else:
+        starts = np.repeat(offsets - (np.cumsum(sizes) - sizes), sizes)
+        byte_index = np.arange(int(sizes.sum()), dtype=np.int64) + starts
+        values = np.frombuffer(heap, dtype=np.uint8)[byte_index].view(dtype)
+    return _VarLength(values.astype(dtype.newbyteorder("=")), counts)
+
+
+def _table_columns(header: Mapping[str, Any], data: bytes, start: int) -> dict[str, Any]:
+    """Columns of a binary table as numpy arrays (variable-length ones as _VarLength)."""
     n_rows, row_bytes = int(header["NAXIS2"]), int(header["NAXIS1"])
-    names, formats, offsets, scales = [], [], [], {}
+    names, formats, offsets, scales, heap_types = [], [], [], {}, {}
     offset = 0
     for index in range(1, int(header["TFIELDS"]) + 1):
-        match = _TFORM.match(str(header.get(f"TFORM{index}", "")))
+        tform = str(header.get(f"TFORM{index}", ""))
+        match = _TFORM.match(tform)
         if not match:
             raise _UnsupportedError(f"TFORM{index}")
         repeat = int(match.group(1) or 1)
         code = match.group(2)
         name = str(header.get(f"TTYPE{index}", f"COL{index}")).strip().upper()
-        if code in "PQCMX":
-            width = {"P": 8, "Q": 16, "C": 8, "M": 16, "X": 1}[code] * (
-                repeat if code != "X" else -(-repeat // 8)
-            )
+        if code in "PQ":
+            element = tform[match.end() : match.end() + 1]
+            if element not in _FITS_DTYPES or repeat != 1:
+                raise _UnsupportedError(f"TFORM{index} = {tform}")
+            heap_types[name] = np.dtype(_FITS_DTYPES[element])
+            dtype_code, width = (">i4" if code == "P" else ">i8", (2,)), 8 if code == "P" else 16
+        elif code in "CMX":
+            dtype_code = None
+            width = {"C": 8, "M": 16, "X": 1}[code] * (repeat if code != "X" else -(-repeat // 8))
         elif code == "A":
-            width = repeat
+            dtype_code, width = None, repeat
         else:
+            dtype_code = (_FITS_DTYPES[code], (repeat,)) if repeat > 1 else _FITS_DTYPES[code]
             width = np.dtype(_FITS_DTYPES[code]).itemsize * repeat
-        if code in _FITS_DTYPES and name not in names:
+        if dtype_code is not None and name not in names:
             names.append(name)
-            formats.append((_FITS_DTYPES[code], (repeat,)) if repeat > 1 else _FITS_DTYPES[code])
+            formats.append(dtype_code)
             offsets.append(offset)
             scale, zero = header.get(f"TSCAL{index}", 1), header.get(f"TZERO{index}", 0)
             if scale != 1 or zero != 0:
@@ -256,16 +295,22 @@ def _table_columns(header: Mapping[str, Any], data: bytes, start: int) -> dict[s
         raise _UnsupportedError("row width")
     dtype = np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": row_bytes})
     table = np.frombuffer(data, dtype=dtype, count=n_rows, offset=start)
-    columns = {}
+    heap_start = start + int(header.get("THEAP", row_bytes * n_rows))
+    heap = memoryview(data)[heap_start : start + row_bytes * n_rows + int(header.get("PCOUNT", 0))]
+    columns: dict[str, Any] = {}
     for name in names:
         column = table[name]
+        if name in heap_types:
+            columns[name] = _heap_values(column, heap, heap_types[name])
+            continue
         if name in scales:
             column = column * scales[name][0] + scales[name][1]
         columns[name] = column
     return columns
 
 
-def _read_table_fast(path: Path, extnames: tuple[str, ...], hduclas1: str) -> _Table:
+def _fast_tables(path: Path):
+    """Yield (keywords of primary + extension, EXTNAME, data bytes, data start) of each BINTABLE."""
     data = _file_bytes(path)
     if not data.startswith(b"SIMPLE  ="):
         raise ProductError(path, "not a FITS file (no SIMPLE card)")
@@ -274,13 +319,18 @@ def _read_table_fast(path: Path, extnames: tuple[str, ...], hduclas1: str) -> _T
     while position < len(data):
         header, data_start = _parse_header(data, position, path)
         position = data_start + _data_size(header)
-        extname = str(header.get("EXTNAME", "")).strip().upper()
-        if header.get("XTENSION", "").strip() == "BINTABLE" and (
-            extname in extnames or str(header.get("HDUCLAS1", "")).strip().upper() == hduclas1
-        ):
+        if str(header.get("XTENSION", "")).strip() == "BINTABLE":
+            if position > len(data) + _BLOCK:
+                raise ProductError(path, f"truncated FITS data in extension {header.get('EXTNAME', '')}")
+            yield primary.merged(header), str(header.get("EXTNAME", "")).strip().upper(), data, data_start
+
+
+def _read_table_fast(path: Path, extnames: tuple[str, ...], hduclas1: str) -> _Table:
+    for header, extname, data, data_start in _fast_tables(path):
+        if extname in extnames or str(header.get("HDUCLAS1", "")).strip().upper() == hduclas1:
             if data_start + int(header["NAXIS1"]) * int(header["NAXIS2"]) > len(data):
                 raise ProductError(path, f"truncated FITS data in extension {extname}")
-            return primary.merged(header), _table_columns(header, data, data_start), extname
+            return header, _table_columns(header, data, data_start), extname
     raise ProductError(path, f"no {' or '.join(extnames)} extension")
 
 
@@ -428,67 +478,88 @@ def read_arf(path: str | Path) -> Arf:
     return Arf(path=path, energy_lo_kev=lo, energy_hi_kev=hi, area_cm2=area)
 
 
-def _group_arrays(path: Path, column: Any, n_grp: np.ndarray) -> np.ndarray:
-    """F_CHAN or N_CHAN as one flat int array of the first N_GRP entries of each row."""
-    if column.dtype == object:
-        parts = [np.atleast_1d(np.asarray(row))[:count] for row, count in zip(column, n_grp)]
-        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+def _row_prefixes(path: Path, column: Any, n_per_row: np.ndarray, name: str) -> np.ndarray:
+    """The first n_per_row[i] entries of each row of a fixed or variable-length column, concatenated."""
+    if isinstance(column, _VarLength):
+        if np.any(column.counts < n_per_row):
+            raise ProductError(path, f"{name} rows shorter than N_GRP / N_CHAN say")
+        starts = np.cumsum(column.counts) - column.counts
+        index = np.arange(int(n_per_row.sum())) + np.repeat(
+            starts - (np.cumsum(n_per_row) - n_per_row), n_per_row
+        )
+        return column.values[index]
     array = np.asarray(column)
     if array.ndim == 1:
         array = array[:, None]
-    if np.any(n_grp > array.shape[1]):
-        raise ProductError(path, "N_GRP larger than the F_CHAN/N_CHAN vectors")
-    return array[np.arange(array.shape[1])[None, :] < n_grp[:, None]].astype(np.int64)
+    if np.any(n_per_row > array.shape[1]):
+        raise ProductError(path, f"{name} vectors shorter than N_GRP / N_CHAN say")
+    return array[np.arange(array.shape[1])[None, :] < n_per_row[:, None]]
 
 
-def read_rmf(path: str | Path) -> Rmf:
-    """Read MATRIX or SPECRESP MATRIX and EBOUNDS; variable-length or fixed group columns."""
+def _rmf_tables_astropy(path: Path) -> dict[str, tuple[Mapping[str, Any], dict[str, Any]]]:
     from astropy.io import fits
 
-    path = Path(path)
+    tables = {}
     try:
         with fits.open(path, memmap=False) as hdus:
-            matrix_hdu = next(
-                (
-                    h
-                    for h in hdus[1:]
-                    if str(h.header.get("EXTNAME", "")).strip() in ("MATRIX", "SPECRESP MATRIX")
-                ),
-                None,
-            )
-            ebounds_hdu = next(
-                (h for h in hdus[1:] if str(h.header.get("EXTNAME", "")).strip() == "EBOUNDS"), None
-            )
-            if matrix_hdu is None:
-                raise ProductError(path, "no MATRIX or SPECRESP MATRIX extension")
-            if ebounds_hdu is None:
-                raise ProductError(path, "no EBOUNDS extension")
-            header = matrix_hdu.header
-            rows = matrix_hdu.data
-            lo, hi = _energy_bins(path, rows["ENERG_LO"], rows["ENERG_HI"])
-            n_grp = np.asarray(rows["N_GRP"], dtype=np.int64)
-            f_chan = _group_arrays(path, rows["F_CHAN"], n_grp)
-            n_chan = _group_arrays(path, rows["N_CHAN"], n_grp)
-            matrix_column = rows["MATRIX"]
-            group_row = np.repeat(np.arange(len(n_grp)), n_grp)
-            row_lengths = np.bincount(group_row, weights=n_chan, minlength=len(n_grp)).astype(np.int64)
-            values = _matrix_values(path, matrix_column, row_lengths)
-            f_chan_col = rows.columns.names.index("F_CHAN") + 1
-            tlmin = header.get(f"TLMIN{f_chan_col}")
-            ebounds = ebounds_hdu.data
-            channel = np.asarray(ebounds["CHANNEL"], dtype=np.int64)
-            channel_lo = np.asarray(ebounds["E_MIN"], dtype=np.float64)
-            channel_hi = np.asarray(ebounds["E_MAX"], dtype=np.float64)
-            includes_area = (
-                str(header.get("EXTNAME", "")).strip() == "SPECRESP MATRIX"
-                or str(header.get("HDUCLAS3", "")).strip().upper() == "FULL"
-            )
-    except ProductError:
-        raise
+            for hdu in hdus[1:]:
+                extname = str(hdu.header.get("EXTNAME", "")).strip().upper()
+                if extname in ("MATRIX", "SPECRESP MATRIX", "EBOUNDS") and extname not in tables:
+                    columns = {}
+                    for name in hdu.columns.names:
+                        values = hdu.data[name]
+                        columns[name.upper()] = (
+                            _VarLength.from_rows(values, np.float64)
+                            if values.dtype == object
+                            else np.asarray(values)
+                        )
+                    tables[extname] = (dict(hdus[0].header) | dict(hdu.header), columns)
     except FileNotFoundError:
         raise ProductError(path, "file not found") from None
     except (OSError, ValueError, TypeError, KeyError, IndexError) as error:
         raise ProductError(path, f"unreadable RMF: {error}") from None
+    return tables
+
+
+def _rmf_tables(path: Path) -> dict[str, tuple[Mapping[str, Any], dict[str, Any]]]:
+    try:
+        tables = {}
+        for header, extname, data, data_start in _fast_tables(path):
+            if extname in ("MATRIX", "SPECRESP MATRIX", "EBOUNDS") and extname not in tables:
+                tables[extname] = (header, _table_columns(header, data, data_start))
+        return tables
+    except (_UnsupportedError, KeyError, ValueError, TypeError):
+        return _rmf_tables_astropy(path)
+
+
+def read_rmf(path: str | Path) -> Rmf:
+    """Read MATRIX or SPECRESP MATRIX and EBOUNDS; variable-length or fixed group columns."""
+    path = Path(path)
+    tables = _rmf_tables(path)
+    matrix_name = "MATRIX" if "MATRIX" in tables else "SPECRESP MATRIX"
+    if matrix_name not in tables:
+        raise ProductError(path, "no MATRIX or SPECRESP MATRIX extension")
+    if "EBOUNDS" not in tables:
+        raise ProductError(path, "no EBOUNDS extension")
+    header, rows = tables[matrix_name]
+    ebounds = tables["EBOUNDS"][1]
+    try:
+        lo, hi = _energy_bins(path, rows["ENERG_LO"], rows["ENERG_HI"])
+        n_grp = np.asarray(rows["N_GRP"], dtype=np.int64).ravel()
+        f_chan = _row_prefixes(path, rows["F_CHAN"], n_grp, "F_CHAN").astype(np.int64)
+        n_chan = _row_prefixes(path, rows["N_CHAN"], n_grp, "N_CHAN").astype(np.int64)
+        group_row = np.repeat(np.arange(len(n_grp)), n_grp)
+        row_lengths = np.bincount(group_row, weights=n_chan, minlength=len(n_grp)).astype(np.int64)
+        values = _row_prefixes(path, rows["MATRIX"], row_lengths, "MATRIX").astype(np.float32)
+        channel = np.asarray(ebounds["CHANNEL"], dtype=np.int64)
+        channel_lo = np.asarray(ebounds["E_MIN"], dtype=np.float64)
+        channel_hi = np.asarray(ebounds["E_MAX"], dtype=np.float64)
+    except KeyError as error:
+        raise ProductError(path, f"RMF lacks column {error}") from None
+    f_chan_index = next(
+        (i for i in range(1, 1000) if str(header.get(f"TTYPE{i}", "")).upper() == "F_CHAN"), 0
+    )
+    tlmin = header.get(f"TLMIN{f_chan_index}")
     first_channel = int(tlmin) if tlmin is not None else int(channel[0]) if len(channel) else 1
     detchans = int(header.get("DETCHANS", len(channel)))
     if detchans != len(channel):
@@ -512,22 +583,6 @@ def read_rmf(path: str | Path) -> Rmf:
         group_first_channel=first[keep].astype(np.int32),
         group_n_chan=n_chan[keep].astype(np.int32),
         values=values,
-        includes_area=includes_area,
+        includes_area=matrix_name == "SPECRESP MATRIX"
+        or str(header.get("HDUCLAS3", "")).strip().upper() == "FULL",
     )
-
-
-def _matrix_values(path: Path, column: Any, row_lengths: np.ndarray) -> np.ndarray:
-    if column.dtype == object:
-        parts = []
-        for index, (row, length) in enumerate(zip(column, row_lengths)):
-            row = np.atleast_1d(np.asarray(row, dtype=np.float32))
-            if len(row) < length:
-                raise ProductError(path, f"MATRIX row {index} has {len(row)} values, N_CHAN sums to {length}")
-            parts.append(row[:length])
-        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
-    array = np.asarray(column, dtype=np.float32)
-    if array.ndim == 1:
-        array = array[:, None]
-    if np.any(row_lengths > array.shape[1]):
-        raise ProductError(path, "N_CHAN sums exceed the MATRIX vector length")
-    return array[np.arange(array.shape[1])[None, :] < row_lengths[:, None]]

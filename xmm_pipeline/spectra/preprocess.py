@@ -386,23 +386,30 @@ def _stored_metadata(path: Path) -> dict | None:
 
 
 def _observation_hash(
-    obs_rows: pd.DataFrame, products: dict[tuple[str, int], dict[str, Path]], config: PreprocessConfig
+    rows: list[dict], products: dict[tuple[str, int], dict[str, Path]], config: PreprocessConfig
 ) -> str:
-    src_nums = {int(n) for n in obs_rows["src_num"]}
+    src_nums = {int(row["src_num"]) for row in rows}
     files = sorted(
         (path.name, sha256_file(path))
         for (_, src_num), kinds in products.items()
         if src_num in src_nums
         for path in kinds.values()
     )
-    rows = obs_rows.sort_values("detid").to_json(orient="split", index=False, double_precision=15)
+    ordered = sorted(rows, key=lambda row: int(row["detid"]))
     return sha256_json(
-        {"version": PREPROCESS_VERSION, "grid": asdict(config.grid), "rows": rows, "files": files}
+        {"version": PREPROCESS_VERSION, "grid": asdict(config.grid), "rows": ordered, "files": files}
     )
 
 
+def _records(frame: pd.DataFrame) -> list[dict]:
+    """Rows as dicts of plain values, missing values as None (one conversion, not one per cell)."""
+    columns = list(frame.columns)
+    values = frame.to_numpy(dtype=object)
+    return [{c: (None if v is pd.NA else v) for c, v in zip(columns, row)} for row in values]
+
+
 def _catalogue_scalars(row: dict) -> dict:
-    record = {name: (None if row[name] is pd.NA else row[name]) for name in _CATALOGUE_SCALARS}
+    record = {name: row[name] for name in _CATALOGUE_SCALARS}
     record["mjd"] = 0.5 * (float(row["mjd_start"]) + float(row["mjd_stop"]))
     return record
 
@@ -428,7 +435,8 @@ def preprocess_observation(
     obs_id = str(obs_ids[0])
     path = out_dir / SPECTRA_SUBDIR / f"{obs_id}.parquet"
     products = _observation_products(archive_dir / obs_id / "pps")
-    input_hash = _observation_hash(obs_rows, products, config)
+    rows = _records(obs_rows)
+    input_hash = _observation_hash(rows, products, config)
     stored = _stored_metadata(path) if path.exists() else None
     if stored is not None and stored.get("input_hash") == input_hash:
         return ObservationResult(
@@ -444,7 +452,7 @@ def preprocess_observation(
         raise ValueError(f"ResponseCache grid {cache.grid} differs from the config's {config.grid}")
     responses_dir = archive_dir / RESPONSES_SUBDIR
     records, quarantine, missing = [], [], 0
-    for row in obs_rows.to_dict(orient="records"):
+    for row in rows:
         found = _spectrum_products(products, int(row["src_num"]))
         if found is None:
             missing += 1

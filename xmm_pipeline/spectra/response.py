@@ -78,14 +78,13 @@ def channel_bins(rmf: Rmf, grid: EnergyGrid) -> np.ndarray:
 
 def binned_redistribution(rmf: Rmf, grid: EnergyGrid) -> tuple[np.ndarray, np.ndarray]:
     """(Rb [fine energy, channel bin], row sum of M over all channels [fine energy])."""
-    rows, cols = rmf.element_indices()
-    values = rmf.values.astype(np.float64)
-    row_total = np.bincount(rows, weights=values, minlength=rmf.n_energies)
-    k = channel_bins(rmf, grid)[cols]
-    inside = k >= 0
-    flat = rows[inside] * grid.n_bins + k[inside]
-    binned = np.bincount(flat, weights=values[inside], minlength=rmf.n_energies * grid.n_bins)
-    return binned.reshape(rmf.n_energies, grid.n_bins), row_total
+    matrix = rmf.to_csr()
+    k = channel_bins(rmf, grid)
+    inside = np.flatnonzero(k >= 0)
+    to_bins = sparse.csr_matrix(
+        (np.ones(len(inside)), (inside, k[inside])), shape=(rmf.n_channels, grid.n_bins)
+    )
+    return (matrix @ to_bins).toarray(), np.asarray(matrix.sum(axis=1)).ravel()
 
 
 def _same_energies(rmf: Rmf, arf: Arf) -> bool:
