@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from xmm_pipeline.model.train import ModelArtifact, TrainConfig, load_artifact, train_model
-from xmm_pipeline.model.vae import VAE, SpectraTensors, VAEConfig, expected_counts
+from xmm_pipeline.model.vae import VAE, SpectraTensors, VAEConfig, expected_counts, float32_tensor
 from xmm_pipeline.spectra.dataset import SpectralDataset
 
 UNFOLDED_ENERGY_POWER = 2.0  # unfolded = E^UNFOLDED_ENERGY_POWER x photon flux density (spectra.preprocess)
@@ -61,7 +61,7 @@ class LogPCA:
         flux = np.exp(log_flux - log_flux.max(axis=-1, keepdims=True))
         with torch.no_grad():
             mu = expected_counts(torch.as_tensor(flux, dtype=torch.float32),
-                                 SpectraTensors.from_dataset(dataset), torch.as_tensor(dataset.rmf_matrices),
+                                 SpectraTensors.from_dataset(dataset), float32_tensor(dataset.rmf_matrices),
                                  norm_iterations)
         return mu.numpy()
 

@@ -34,6 +34,7 @@ from xmm_pipeline.model.vae import (
     VAEConfig,
     count_parameters,
     expected_counts,
+    float32_tensor,
     poisson_deviance_per_dof,
     poisson_vae_loss,
 )
@@ -258,7 +259,7 @@ def _train(dataset: SpectralDataset, out: Path, model_config: VAEConfig, train_c
     data = SpectraTensors.from_dataset(dataset, device)
     train_data = data.take(torch.as_tensor(train_rows, device=device))
     val_data = data.take(torch.as_tensor(val_rows, device=device)) if len(val_rows) else None
-    rmf_matrices = torch.as_tensor(dataset.rmf_matrices, dtype=torch.float32, device=device)
+    rmf_matrices = float32_tensor(dataset.rmf_matrices, device)
 
     torch.manual_seed(train_config.seed)
     if model is None:
@@ -452,7 +453,7 @@ class ModelArtifact:
     def reconstruct(self, dataset: SpectralDataset) -> np.ndarray:
         """Expected counts [N, B] of the decoded latent mean: folded, background added, ML-normalised."""
         self._check(dataset)
-        rmf_matrices = torch.as_tensor(dataset.rmf_matrices, dtype=torch.float32, device=self.device)
+        rmf_matrices = float32_tensor(dataset.rmf_matrices, self.device)
         out = [expected_counts(self.model.decode(self.model.encode(batch.unfolded)[0]), batch, rmf_matrices,
                                self.config.norm_iterations).cpu().numpy() for batch in self._chunks(dataset)]
         return np.concatenate(out).reshape(len(dataset), -1)

@@ -145,6 +145,11 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def float32_tensor(array: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A float32 tensor of a numpy array (copied only when needed: non-float32, strided or read-only)."""
+    return torch.from_numpy(np.require(array, np.float32, ["C", "W"])).to(device)
+
+
 @dataclass
 class SpectraTensors:
     """A dataset's arrays on one device, ready for the loss; `take(index)` gives a batch."""
@@ -157,15 +162,12 @@ class SpectraTensors:
 
     @classmethod
     def from_dataset(cls, dataset: Any, device: torch.device | str = "cpu") -> SpectraTensors:
-        def as_tensor(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(np.require(a, np.float32, ["C", "W"])).to(device)
-
         widths = np.diff(dataset.grid.edges_kev).astype(np.float32)
         return cls(
-            unfolded=as_tensor(dataset.unfolded),
-            counts=as_tensor(dataset.counts),
-            background=as_tensor(dataset.background),
-            exposure_width=as_tensor(dataset.area_exposure * widths),
+            unfolded=float32_tensor(dataset.unfolded, device),
+            counts=float32_tensor(dataset.counts, device),
+            background=float32_tensor(dataset.background, device),
+            exposure_width=float32_tensor(dataset.area_exposure * widths, device),
             rmf_index=torch.as_tensor(np.asarray(dataset.rmf_index, dtype=np.int64), device=device),
         )
 
@@ -177,14 +179,21 @@ class SpectraTensors:
         return len(self.counts)
 
 
-def fold(flux: torch.Tensor, batch: SpectraTensors, rmf_matrices: torch.Tensor) -> torch.Tensor:
+FOLD_ALL_MAX_RMFS = 16
+
+
+def fold(flux: torch.Tensor, batch: SpectraTensors, rmf_matrices: torch.Tensor,
+         gather_all: bool | None = None) -> torch.Tensor:
     """Source counts per channel bin [N, B] for flux density shapes [N, B]: area x exposure, then RMF.
 
-    With few RMFs every spectrum is folded through all of them and the right one gathered (no
-    data-dependent shapes: good for torch.compile and CUDA graphs); with many, per-RMF row masks."""
+    On an accelerator with few RMFs every spectrum is folded through all of them and the right one
+    gathered (no data-dependent shapes or host syncs: good for torch.compile and CUDA graphs); on CPU,
+    or with many RMFs, one matmul per RMF over its rows (measured 1.3-6x faster on CPU)."""
     incident = flux * batch.exposure_width
     n_rmf = rmf_matrices.shape[0]
-    if n_rmf <= 8:
+    if gather_all is None:
+        gather_all = incident.device.type != "cpu" and n_rmf <= FOLD_ALL_MAX_RMFS
+    if gather_all:
         every = torch.einsum("nj,rkj->nrk", incident, rmf_matrices)
         return every.gather(1, batch.rmf_index[:, None, None].expand(-1, 1, every.shape[-1])).squeeze(1)
     out = torch.zeros_like(incident)

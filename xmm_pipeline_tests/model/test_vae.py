@@ -55,15 +55,17 @@ def test_encoder_ignores_the_overall_scale(dataset) -> None:
 
 
 @pytest.mark.parametrize("n_rmf", [2, 12])
-def test_fold_matches_the_dataset_fold(dataset, n_rmf: int) -> None:
-    """Both folding paths (all RMFs then gather; per-RMF masks) equal SpectralDataset.fold."""
+@pytest.mark.parametrize("gather_all", [True, False])
+def test_fold_matches_the_dataset_fold(dataset, n_rmf: int, gather_all: bool) -> None:
+    """Both folding paths (all RMFs then gather; one matmul per RMF) equal SpectralDataset.fold."""
     rng = np.random.default_rng(1)
     matrices = np.concatenate([dataset.rmf_matrices] * (n_rmf // 2))
     ds = dataset.subset(np.arange(len(dataset)))
     ds.rmf_matrices, ds.rmf_index = matrices, rng.integers(0, n_rmf, len(ds))
     flux = rng.uniform(0.1, 2.0, ds.counts.shape).astype(np.float32)
     expected = ds.fold(flux * ds.grid.widths_kev)
-    got = fold(torch.as_tensor(flux), SpectraTensors.from_dataset(ds), torch.as_tensor(matrices)).numpy()
+    got = fold(torch.as_tensor(flux), SpectraTensors.from_dataset(ds), torch.as_tensor(matrices),
+               gather_all).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3 * expected.max())
 
 
