@@ -131,6 +131,15 @@ SHELF_BELOW_SI_K: tuple[tuple[float, float], ...] = (
     (1.5, 0.042),
     (1.839, 0.026),
 )
+CORE_CENTROID_RATIO: tuple[tuple[float, float], ...] = (
+    (0.05, 0.45),
+    (0.28, 0.47),
+    (0.32, 0.55),
+    (0.36, 0.85),
+    (0.40, 0.95),
+    (0.50, 0.99),
+    (0.60, 1.0),
+)
 SHELF_ABOVE_SI_K: tuple[tuple[float, float], ...] = (
     (1.839, 0.17),
     (2.0, 0.11),
@@ -236,6 +245,14 @@ def shelf_fraction(energy_kev: np.ndarray) -> np.ndarray:
     return np.where(energy_kev < SI_K_EDGE_KEV, below, above)
 
 
+def core_centroid_ratio(energy_kev: np.ndarray) -> np.ndarray:
+    """Where the core of the redistribution sits relative to the photon energy: photons below ~0.35 keV
+    are registered at about half their energy (incomplete charge collection near the entrance window;
+    approx., read off the canned matrices), so they rarely reach the channels above 0.3 keV."""
+    table_e, table_r = np.array(CORE_CENTROID_RATIO).T
+    return np.interp(np.asarray(energy_kev, dtype=float), table_e, table_r)
+
+
 def escape_fraction(energy_kev: np.ndarray) -> np.ndarray:
     """Share of events in the Si K escape peak (approx.): ~2% at 2 keV falling to ~0.1% at 10 keV."""
     energy_kev = np.asarray(energy_kev, dtype=float)
@@ -263,7 +280,7 @@ def redistribution_matrix(fwhm_scale: float = 1.0, rows_per_block: int = 128) ->
         edges = CHANNEL_WIDTH_KEV * np.arange(n_used + 1)
         f_shelf = shelf_fraction(e)
         f_escape = escape_fraction(e)
-        core_cdf = _gauss_cdf(edges[None, :], e, sigma)
+        core_cdf = _gauss_cdf(edges[None, :], e * core_centroid_ratio(e), sigma)
         shelf_low = np.maximum(0.02, e - np.minimum(1.1, 0.8 * e))
         width = e - shelf_low
         shelf_cdf = (
