@@ -302,3 +302,67 @@ def test_one_model_at_two_exposures_and_filters_unfolds_alike(tmp_path: Path) ->
         np.sqrt(raw[0]) / raw[0].sum(), np.sqrt(raw[1]) / raw[1].sum()
     )
     assert np.max(np.abs(raw_pull)) > 10  # the instrument made them look different
+
+
+# ---------------------------------------------------------------- on the simulated archive
+
+
+def test_simulated_archive_preprocesses_cleanly(sim_archive: Path, spectra_dir: Path, spectral_dataset):
+    import json
+
+    selection = json.loads((spectra_dir / "selection.json").read_text())
+    catalogue = pd.read_parquet(sim_archive / "catalogue.parquet")
+    selection_drops = sum(n for reason, n in selection["dropped"].items() if reason != "no_pn_spectrum")
+    assert selection["selected"] + selection_drops == len(catalogue)
+    assert (
+        selection["written"] + selection["quarantined"] + selection["dropped"]["no_pn_spectrum"]
+        == (selection["selected"])
+    )
+    assert selection["quarantined"] <= 0.01 * selection["selected"]
+    meta = spectral_dataset.meta
+    assert len(spectral_dataset) == selection["written"] > 100
+    assert (meta["pn_8_cts"] > 300).all() and (meta["sum_flag"] <= 2).all()
+    assert (meta["ep_extent"].fillna(0) <= 0).all()
+    assert not meta.duplicated(["obs_id", "srcid"]).any()
+    for name in ("counts", "background", "area_exposure", "unfolded"):
+        assert np.isfinite(getattr(spectral_dataset, name)).all()
+    assert np.allclose(spectral_dataset.unfolded.mean(axis=1), 1.0, rtol=1e-4)
+    assert len(spectral_dataset.rmf_ids) > 1  # several canned RMFs, each stored once
+    # The catalogue's pn counts (0.2-12 keV) and the spectra's 0.3-10 keV source counts tell one story.
+    ratio = meta["total_counts"] / meta["pn_8_cts"]
+    assert 0.6 < float(np.median(ratio)) < 1.3
+
+
+def test_simulated_source_unfolds_alike_across_exposures_and_filters(tmp_path: Path) -> None:
+    from xmm_pipeline.archive.simulated import simulate_observation
+    from xmm_pipeline.spectra.preprocess import find_rmf
+
+    params = {"class": "AGN", "photon_index": 1.9, "nh_cm2": 3e20, "flux_erg_cm2_s": 4e-12}
+    observations = [
+        dict(exposure_s=60000.0, pn_filter="Thin1", off_axis_arcmin=0.0, obs_id="0200000001"),
+        dict(exposure_s=15000.0, pn_filter="Thick", off_axis_arcmin=8.0, obs_id="0200000002"),
+    ]
+    shapes, raw = [], []
+    for seed, observation in enumerate(observations):
+        spectrum = simulate_observation(tmp_path, params, src_num=1, seed=seed, **observation)
+        rmf = find_rmf(read_pha_respfile(spectrum), spectrum.parent, tmp_path / "responses" / "PN")
+        dataset = spectrum_to_dataset(spectrum, rmf_path=rmf)
+        bands = np.geomspace(0.4, 9.0, 13)
+        shapes.append(coarse_shape(dataset, 0, bands))
+        band = np.digitize(dataset.grid.centres_kev, bands) - 1
+        inside = (band >= 0) & (band < 12)
+        raw.append(np.bincount(band[inside], dataset.counts[0][inside], 12))
+    (shape_a, error_a), (shape_b, error_b) = shapes
+    pull = (shape_a - shape_b) / np.hypot(error_a, error_b)
+    assert np.all(np.abs(pull) < 4), pull
+    assert np.mean(pull**2) < 3, pull
+    raw_pull = (raw[0] / raw[0].sum() - raw[1] / raw[1].sum()) / np.hypot(
+        np.sqrt(raw[0]) / raw[0].sum(), np.sqrt(raw[1]) / raw[1].sum()
+    )
+    assert np.max(np.abs(raw_pull)) > 10
+
+
+def read_pha_respfile(spectrum: Path) -> str:
+    from xmm_pipeline.ogip.read import read_pha
+
+    return read_pha(spectrum).respfile
