@@ -11,11 +11,14 @@ single quotes. No free text (a target name) ever reaches a query.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
+import os
 import re
 import shutil
 import time
+import uuid
 import warnings
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -425,9 +428,7 @@ class XSAArchive(Archive):
         (stage 'download', reason with the URL, path = the URL) and the rest goes on.
         """
         wanted = list(dict.fromkeys(validate_obs_id(o) for o in obs_ids))
-        partial = self.root / PARTIAL_DIR
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True, exist_ok=True)
+        self._staging = _claim_staging(self.root / PARTIAL_DIR)
         catalogue = self._catalogue_index()
         detids = {(str(r.obs_id), int(r.src_num)): int(r.detid) for r in catalogue.itertuples()}
         records: list[QuarantineRecord] = []
@@ -439,7 +440,7 @@ class XSAArchive(Archive):
                 for name in obs_respfiles:
                     respfiles.setdefault(name, []).append(obs_id)
             records.extend(self._fetch_responses(respfiles, pool))
-        shutil.rmtree(partial, ignore_errors=True)
+        _release_staging(self._staging)
         return records
 
     def forget_observations(self, obs_ids: Sequence[str]) -> None:
@@ -513,7 +514,7 @@ class XSAArchive(Archive):
         self, request: ProductRequest, detids: dict[tuple[str, int], int], records: list[QuarantineRecord]
     ) -> None:
         """One AIO request: a tar of products or one product; each verified, then moved into place."""
-        staging = self.root / PARTIAL_DIR / f"{request.obs_id}-{abs(hash(request.url)):x}"
+        staging = self._staging / f"{request.obs_id}-{abs(hash(request.url)):x}"
         staging.mkdir(parents=True, exist_ok=True)
         try:
             body = staging / "response"
@@ -558,7 +559,7 @@ class XSAArchive(Archive):
             final = target_dir / _versioned_rmf_name(name)
             if final.is_file() or (target_dir / name).is_file():
                 return None
-            tmp = self.root / PARTIAL_DIR / f"rmf-{name}"
+            tmp = self._staging / f"rmf-{name}"
             try:
                 download_to_file(url, tmp, self.policy, self.stats)
                 verify_rmf(tmp)
@@ -575,6 +576,41 @@ class XSAArchive(Archive):
                                     respfiles[name][0], -1, url)
 
         return [r for r in pool.map(fetch, sorted(respfiles)) if r is not None]
+
+
+def _claim_staging(partial: Path) -> Path:
+    """A staging folder of this process under ROOT/.partial, after clearing those of dead processes
+    (a killed run); folders of live processes (another worker on the same root) are left alone."""
+    partial.mkdir(parents=True, exist_ok=True)
+    for folder in partial.iterdir():
+        pid = folder.name.split("-")[0]
+        if pid.isdigit() and _process_alive(int(pid)):
+            continue
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            folder.unlink(missing_ok=True)
+    staging = partial / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    return staging
+
+
+def _release_staging(staging: Path) -> None:
+    shutil.rmtree(staging, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        staging.parent.rmdir()
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _versioned_rmf_name(name: str) -> str:

@@ -167,3 +167,23 @@ def test_observation_ids_are_validated(aio: AioServer, tmp_path: Path) -> None:
         with pytest.raises(UserError, match="observation id"):
             archive.fetch_observations([bad])
     assert aio.count() == 0
+
+
+def test_staging_of_live_processes_is_left_alone(
+    source: tuple[Path, pd.DataFrame], aio: AioServer, tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    partial = tmp_path / ".partial"
+    stale = partial / f"{dead.stdout.strip()}-deadbeef"
+    live = partial / f"{os.getpid()}-0another"
+    for folder in (stale, live):
+        folder.mkdir(parents=True)
+        (folder / "half.tar").write_bytes(b"partial body")
+    assert _archive(tmp_path, aio).fetch_observations(sorted(source[1]["obs_id"].unique())[:1]) == []
+    assert not stale.exists(), "a killed run's staging is cleared"
+    assert (live / "half.tar").exists(), "a concurrent worker's staging is not touched"
