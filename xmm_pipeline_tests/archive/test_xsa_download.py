@@ -59,6 +59,11 @@ def test_download_lands_in_the_layout_and_is_not_repeated(
     assert _archive(tmp_path, aio).fetch_observations(obs_ids) == []
     assert aio.count() == before, "a second run must not download anything"
 
+    archive.forget_observations(obs_ids[:1])
+    assert archive.fetch_observations(obs_ids) == []
+    assert aio.count() == before + 1 and aio.faults.served[obs_ids[0]] == 2
+    assert _products(tmp_path) == _products(src)
+
 
 def test_faults_end_in_quarantine_with_url_and_reason(
     source: tuple[Path, pd.DataFrame], aio: AioServer, tmp_path: Path
