@@ -393,7 +393,7 @@ def photon_spectrum(
         photons = (bb + p["pl_ratio"] * physics.powerlaw(e, p["photon_index"])) * width
     elif klass == "TDE":
         bb = physics.blackbody(e, p["kt_kev"]) / float(physics.blackbody(0.3, p["kt_kev"]))
-        photons = (bb + p["pl_ratio"] * 1e-2 * physics.powerlaw(e, 2.0) / 0.3**-2.0) * width
+        photons = (bb + p["pl_ratio"] * 0.1 * physics.powerlaw(e, 2.0) / 0.3**-2.0) * width
     else:  # odd
         pl = physics.powerlaw(e, p["photon_index"])
         if p["kind"] == "edge":
