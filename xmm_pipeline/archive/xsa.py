@@ -15,6 +15,7 @@ import contextlib
 import gzip
 import json
 import os
+import random
 import re
 import shutil
 import time
@@ -230,12 +231,12 @@ class XSAArchive(Archive):
                 raise UserError(f"TAP service {self.tap_url} rejected the query: {error}") from error
             except (DALServiceError, requests.RequestException) as error:
                 reason = str(error)
-                status = getattr(getattr(error, "cause", None), "response", None)
-                code = getattr(status, "status_code", None) or getattr(error, "code", None)
+                response = getattr(getattr(error, "cause", None), "response", None)
+                code = getattr(response, "status_code", None) or getattr(error, "code", None)
                 if code is not None and 400 <= int(code) < 500 and int(code) != 429:
                     break
             if attempt < self.policy.retries:
-                time.sleep(self.policy.backoff_s * 2**attempt * np.random.uniform(0.5, 1.5))
+                time.sleep(self.policy.backoff_s * 2**attempt * random.uniform(0.5, 1.5))
         raise UserError(f"TAP service {self.tap_url} failed: {reason}")
 
     def _to_service(self, name: str) -> str:
