@@ -9,6 +9,7 @@ variable-length arrays) are read with astropy and kept in their sparse group for
 
 from __future__ import annotations
 
+import functools
 import gzip
 import re
 import zlib
@@ -130,7 +131,9 @@ def _file_bytes(path: Path) -> bytes:
     return raw
 
 
+@functools.lru_cache(maxsize=8192)
 def _card_value(text: str) -> Any:
+    """The value of a card's value field (cached: most cards repeat across the files of a run)."""
     text = text.strip()
     if text.startswith("'"):
         out, i = [], 1

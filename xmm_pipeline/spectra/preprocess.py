@@ -47,10 +47,10 @@ from xmm_pipeline.spectra.grid import DEFAULT_GRID, EnergyGrid
 from xmm_pipeline.spectra.response import CompressedRmf, ResponseCache, fold_compressed
 from xmm_pipeline.storage import (
     QuarantineRecord,
-    atomic_path,
     quarantine_frame,
     sha256_file,
     sha256_json,
+    write_bytes_atomic,
     write_json_atomic,
     write_parquet_atomic,
 )
@@ -490,9 +490,9 @@ def preprocess_observation(
         "grid": asdict(config.grid),
         "version": PREPROCESS_VERSION,
     }
-    table = _spectra_table(records, config.grid, metadata)
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+    buffer = pa.BufferOutputStream()
+    pq.write_table(_spectra_table(records, config.grid, metadata), buffer)
+    write_bytes_atomic(path, buffer.getvalue().to_pybytes())
     return ObservationResult(obs_id, path, len(records), False, quarantine, dropped, rmf_ids)
 
 
@@ -548,19 +548,23 @@ def read_catalogue(archive_dir: Path) -> pd.DataFrame:
 
 
 def preprocess_archive(
-    archive_dir: Path, out_dir: Path, config: PreprocessConfig = PreprocessConfig()
+    archive_dir: Path,
+    out_dir: Path,
+    config: PreprocessConfig = PreprocessConfig(),
+    cache: ResponseCache | None = None,
 ) -> PreprocessSummary:
     """Select, then preprocess observation by observation (memory flat), then write the run's tables.
 
     Writes out_dir/spectra/<obs_id>.parquet (unchanged observations skipped), responses.parquet,
     quarantine.parquet and selection.json; removes per-observation files of observations that no
     longer have a selected detection, so the folder always loads as this catalogue's dataset.
+    Pass a `cache` to share compressed RMFs across calls in one process.
     """
     started = time.perf_counter()
     archive_dir, out_dir = Path(archive_dir), Path(out_dir)
     catalogue = read_catalogue(archive_dir)
     selected, dropped = select_detections(catalogue, config)
-    cache = ResponseCache(config.grid)
+    cache = cache if cache is not None else ResponseCache(config.grid)
     quarantine: list[QuarantineRecord] = []
     written = skipped = 0
     drops: Counter[str] = Counter()
@@ -572,7 +576,8 @@ def preprocess_archive(
         skipped += int(result.skipped)
         quarantine += result.quarantine
         drops.update(result.dropped)
-    stale = [p for p in (out_dir / SPECTRA_SUBDIR).glob("*.parquet") if p.stem not in set(obs_ids)]
+    kept = set(obs_ids)
+    stale = [p for p in (out_dir / SPECTRA_SUBDIR).glob("*.parquet") if p.stem not in kept]
     for path in stale:
         path.unlink()
     if cache.responses() or not (out_dir / RESPONSES_FILE).exists():

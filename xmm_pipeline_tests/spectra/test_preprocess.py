@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from astropy.io import fits
 
+from xmm_pipeline import storage
 from xmm_pipeline.archive.catalogue import CANONICAL_COLUMNS, as_canonical
 from xmm_pipeline.cli import main
 from xmm_pipeline.errors import ProductError
@@ -194,16 +195,21 @@ def test_missing_spectrum_is_a_counted_drop(archive: Path, tmp_path: Path) -> No
 
 
 def test_a_crashed_write_leaves_no_partial_file(archive: Path, tmp_path: Path, monkeypatch) -> None:
-    def crash(table, where, **kwargs):
-        Path(where).write_bytes(b"PAR1 partial")
-        raise RuntimeError("disk full")
+    def crash_half_way(path, data: bytes) -> None:
+        with storage.atomic_path(path) as tmp:
+            tmp.write_bytes(data[: len(data) // 2])
+            raise RuntimeError("disk full")
 
-    monkeypatch.setattr(preprocess_module.pq, "write_table", crash)
+    monkeypatch.setattr(preprocess_module, "write_bytes_atomic", crash_half_way)
     out = tmp_path / "spectra"
     rows = select_detections(pd.read_parquet(archive / "catalogue.parquet"), PreprocessConfig())[0]
+    rows = rows[rows.obs_id == OBS_A]
     with pytest.raises(RuntimeError, match="disk full"):
-        preprocess_observation(rows[rows.obs_id == OBS_A], archive, out, PreprocessConfig(), ResponseCache())
+        preprocess_observation(rows, archive, out, PreprocessConfig(), ResponseCache())
     assert list((out / "spectra").iterdir()) == []
+    monkeypatch.undo()
+    result = preprocess_observation(rows, archive, out, PreprocessConfig(), ResponseCache())
+    assert not result.skipped and result.n_written == 3
 
 
 def test_each_rmf_is_read_once_per_run(archive: Path, tmp_path: Path) -> None:
