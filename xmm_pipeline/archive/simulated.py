@@ -33,6 +33,7 @@ plus new fields (MJD 60310-60597) and a few DR14 observations re-processed (new 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Sequence
@@ -662,22 +663,19 @@ def _write_products(
 
 
 def write_canned_rmf(out_dir: Path, rmf: instrument.CannedRMF) -> Path:
-    """responses/PN/<stem>_v21.0.rmf (skipped when already present with the same bytes)."""
+    """responses/PN/<stem>_v21.0.rmf (left alone when already present)."""
+    path = responses_dir(out_dir) / canned_rmf_file_name(f"{rmf.stem}.rmf")
+    if not path.is_file():
+        write_fits_file(path, _canned_rmf_bytes(rmf), compress=False)
+    return path
+
+
+@functools.lru_cache(maxsize=16)
+def _canned_rmf_bytes(rmf: instrument.CannedRMF) -> bytes:
     lo, hi = instrument.energy_grid_kev()
     clo, chi = instrument.channel_bounds_kev()
-    path = responses_dir(out_dir) / canned_rmf_file_name(f"{rmf.stem}.rmf")
-    if path.is_file():
-        return path
-    data = rmf_bytes(
-        lo,
-        hi,
-        rmf.matrix(),
-        clo,
-        chi,
-        filter_name="NONE",
-        header_extra={"CREATOR": f"xmm_pipeline simulate {SIMULATOR_VERSION}", "SUBMODE": rmf.submode},
-    )
-    return write_fits_file(path, data, compress=False)
+    header = {"CREATOR": f"xmm_pipeline simulate {SIMULATOR_VERSION}", "SUBMODE": rmf.submode}
+    return rmf_bytes(lo, hi, rmf.matrix(), clo, chi, filter_name="NONE", header_extra=header)
 
 
 # --- the archive ----------------------------------------------------------------------------------
