@@ -50,28 +50,35 @@ def pick_examples(dataset: SpectralDataset, classes: Sequence[str] | None) -> li
 
 def plot_reconstructions(dataset: SpectralDataset, expected: np.ndarray, examples: list[tuple[str, int]],
                          deviance: np.ndarray, path: Path) -> None:
-    """Input counts vs the folded model, one panel per example (the seed's reconstruction slides)."""
+    """Input counts vs the folded model, one panel per example (the seed's reconstruction slides),
+    both divided by the spectrum's folded area x exposure x bin width."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    energy, widths = dataset.grid.centres_kev, dataset.grid.widths_kev
+    energy = dataset.grid.centres_kev
     fig, axes = plt.subplots(2, 2, figsize=(10, 7.5), squeeze=False)
     for ax, (label, row) in zip(axes.flat, examples):
-        counts, seen = dataset.counts[row], dataset.counts[row] > 0
-        ax.errorbar(energy[seen], counts[seen] / widths[seen], yerr=np.sqrt(counts[seen]) / widths[seen],
+        # counts / (folded area x exposure x keV) of each channel bin: the comb that 5 eV channels leave
+        # in narrow log bins divides out of data and model alike (an unfolded plot, as in XSPEC)
+        matrix = dataset.rmf_matrices[dataset.rmf_index[row]]
+        folded = matrix @ (dataset.area_exposure[row] * dataset.grid.widths_kev)
+        reach = folded > 1e-6 * folded.max()
+        counts = dataset.counts[row]
+        seen = reach & (counts > 0)
+        ax.errorbar(energy[seen], counts[seen] / folded[seen], yerr=np.sqrt(counts[seen]) / folded[seen],
                     fmt=".", ms=3, lw=0.6, color="0.35", label="Input")
-        ax.step(energy, expected[row] / widths, where="mid", color="C3", lw=1.4, label="Predicted")
-        ax.step(energy, dataset.background[row] / widths, where="mid", color="C0", lw=0.8, ls=":",
+        ax.plot(energy[reach], expected[row][reach] / folded[reach], color="C3", lw=1.4, label="Predicted")
+        ax.plot(energy[reach], dataset.background[row][reach] / folded[reach], color="C0", lw=0.8, ls=":",
                 label="Background")
         name = dataset.meta["iauname"].iloc[row] if "iauname" in dataset.meta.columns else f"row {row}"
         ax.set_title(f"{label}: {name}\ndeviance/dof = {deviance[row]:.2f}", fontsize=9)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_ylim(bottom=max(0.3 * float(np.min(dataset.background[row] / widths)), 1e-1))
+        ax.set_ylim(bottom=0.3 * float(np.min(counts[seen] / folded[seen])) if seen.any() else None)
         ax.set_xlabel("Energy [keV]")
-        ax.set_ylabel("counts / keV")
+        ax.set_ylabel("photons cm$^{-2}$ s$^{-1}$ keV$^{-1}$")
     for ax in list(axes.flat)[len(examples):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)

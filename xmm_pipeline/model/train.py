@@ -172,7 +172,7 @@ def make_loss_step(model: VAE, rmf_matrices: torch.Tensor, bf16: bool, compiled:
     """loss(batch, noise) -> (loss, nll, kl), optionally under bf16 autocast and torch.compile."""
 
     def step(batch: SpectraTensors, noise: torch.Tensor | None):
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device_type=rmf_matrices.device.type, dtype=torch.bfloat16, enabled=bf16):
             return poisson_vae_loss(model, batch, rmf_matrices, noise)
 
     return torch.compile(step) if compiled else step

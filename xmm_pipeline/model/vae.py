@@ -222,9 +222,10 @@ def ml_normalisation(source: torch.Tensor, counts: torch.Tensor, background: tor
 
 def expected_counts(flux: torch.Tensor, batch: SpectraTensors, rmf_matrices: torch.Tensor,
                     iterations: int = 20) -> torch.Tensor:
-    source = fold(flux.float(), batch, rmf_matrices)
-    norm = ml_normalisation(source, batch.counts, batch.background, iterations)
-    return (norm * source + batch.background).clamp_min(1e-30)
+    with torch.autocast(device_type=flux.device.type, enabled=False):  # fold and likelihood in float32
+        source = fold(flux.float(), batch, rmf_matrices)
+        norm = ml_normalisation(source, batch.counts, batch.background, iterations)
+        return (norm * source + batch.background).clamp_min(1e-30)
 
 
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

@@ -159,6 +159,15 @@ def test_bad_data_and_bad_artifacts_are_clear_errors(dataset, tmp_path: Path) ->
         load_artifact(tmp_path / "nothing")
 
 
+def test_bf16_autocast_keeps_the_fold_in_float32_and_the_loss_within_one_percent(dataset) -> None:
+    """The same check training runs on CUDA, here with CPU bf16 autocast (the CUDA-only switch aside)."""
+    torch.manual_seed(0)
+    model = VAE(VAEConfig())
+    data = SpectraTensors.from_dataset(dataset)
+    changes = check_fast_paths(model, data, torch.as_tensor(dataset.rmf_matrices), bf16=True, compiled=False)
+    assert set(changes) == {"bf16"} and 0 < changes["bf16"] < 1e-2, changes
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="bf16 autocast and torch.compile are CUDA-only paths; no CUDA device here")
 def test_cuda_fast_paths_change_the_loss_by_less_than_one_percent(dataset) -> None:
