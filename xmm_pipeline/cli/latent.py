@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         parser.add_argument("--skip-latent-dims", action="store_true",
                             help="skip retraining for the latent-dimension comparison")
         parser.add_argument("--epochs", type=int, default=60, help="max epochs per comparison model")
+        parser.add_argument("--work", default="results/evaluation",
+                            help="folder for the comparison and baseline models (reused by reruns)")
         return
     parser.add_argument("--latent", default=DEFAULT_LATENT, help=f"latent folder (default {DEFAULT_LATENT})")
     if name == "similar":
@@ -156,7 +158,7 @@ def _neighbour_table(embeddings, classes, latent_index, query_vectors, query_lab
             "obs_date": _obs_date(hits["mjd"].to_numpy()).to_numpy(),
         })
         if counts:
-            part["counts"] = hits[counts].to_numpy()
+            part["counts"] = hits[counts].round().astype("Int64").to_numpy()
         parts.append(part)
     return pd.concat(parts, ignore_index=True)
 
@@ -295,6 +297,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise UserError(f"--latent-dims must be integers separated by commas, got {args.latent_dims!r}") \
             from error
     report = write_evaluation_report(args.archive, args.spectra, args.model, args.out, latent_dims=dims,
-                                     max_epochs=args.epochs)
+                                     max_epochs=args.epochs, work_dir=args.work)
     print(f"evaluation written to {report}")
     return 0

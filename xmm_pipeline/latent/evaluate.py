@@ -5,8 +5,8 @@
   the four catalogue hardness ratios (missing ratios imputed by the training fold's median).
 - Similarity: precision@10, the share of each detection's 10 nearest neighbours (other sources only)
   that have its class.
-- The 1ES 1927+654-like source: its soft-state detection(s) (truth `state` mentions "soft" or a
-  blackbody; otherwise its lowest-HR2 detection) and the classes of their nearest neighbours.
+- The 1ES 1927+654-like source: its soft-state detection(s) (truth `state` names a blackbody, else
+  mentions "soft"; without a truth state its lowest-HR2 detection) and their nearest neighbours' classes.
 - Outliers: recall of the rare odd spectra (truth `is_odd`) in the top 1% of the outlier score.
 - Trajectories: median path length per class, per source with >= 2 detections.
 - Latent dimension: the same metrics for models retrained with latent dimension 2, 4, 8.
@@ -134,7 +134,9 @@ def soft_state_neighbours(table: pd.DataFrame, iauname: str = ONE_ES_IAUNAME, k:
     soft = pd.Series(False, index=rows.index)
     if "state" in rows:
         state = rows["state"].astype(str).str.lower()
-        soft = state.str.contains("soft") | state.str.contains("blackbody") | state.str.contains("bb")
+        soft = state.str.contains(r"(?:^|_)bb|blackbody", regex=True)
+        if not soft.any():
+            soft = state.str.contains("soft")
     if not soft.any():
         soft = rows["ep_hr2"] == rows["ep_hr2"].min() if "ep_hr2" in rows else rows.index == rows.index[0]
     queries = rows[soft]
@@ -313,16 +315,20 @@ def latent_report_sections(
     neighbours = soft_state_neighbours(table)
     if len(neighbours):
         mix = neighbours["class"].value_counts()
+        first_query = neighbours["query_detid"].iloc[0]
         soft_share = float(neighbours["class"].isin(SOFT_CLASSES).mean())
         hr2_median = float(np.nanmedian(table["ep_hr2"])) if "ep_hr2" in table else math.nan
         softer = float((neighbours["ep_hr2"] < hr2_median).mean()) if "ep_hr2" in neighbours else math.nan
         shown = [c for c in ["query_detid", "query_state", "distance", "iauname", "class", "state", "ep_hr2"]
                  if c in neighbours]
-        lines += [f"Neighbours of the 1ES 1927+654-like source ({ONE_ES_IAUNAME}) in its soft state: "
+        n_queries = neighbours["query_detid"].nunique()
+        lines += [f"Neighbours of the 1ES 1927+654-like source ({ONE_ES_IAUNAME}) in its soft state "
+                  f"({n_queries} detections x {KNN_K} neighbours): "
                   + ", ".join(f"{n} {c}" for c, n in mix.items())
                   + f". {soft_share:.0%} are TDE / neutron-star classes; {softer:.0%} are softer (HR2) "
-                  f"than the median detection (HR2 median {hr2_median:.2f}).", "",
-                  _md_table(neighbours[shown]), ""]
+                  f"than the median detection (HR2 median {hr2_median:.2f}). The first soft-state "
+                  "detection's neighbours:", "",
+                  _md_table(neighbours.loc[neighbours["query_detid"] == first_query, shown]), ""]
     else:
         lines += [f"The 1ES 1927+654-like source ({ONE_ES_IAUNAME}) is not among the labelled "
                   "detections.", ""]
@@ -386,13 +392,18 @@ def write_evaluation_report(
     max_epochs: int = 60,
     work_dir: str | Path = "results/evaluation",
     seed: int = 0,
+    baseline_epochs: int | None = None,
 ) -> Path:
     """Write out_dir/EVALUATION.md and out_dir/images/*.png from the archive's truth, the spectra and
-    the model: reconstruction (model.evaluate), latent-space metrics, and the latent-dimension study."""
+    the model: reconstruction (model.evaluate), latent-space metrics, and the latent-dimension study.
+
+    Baselines train with the model's own training settings unless `baseline_epochs` caps their epochs;
+    the models of the latent-dimension study and the baselines are kept in work_dir, so a rerun with
+    the same inputs trains nothing."""
     from xmm_pipeline.latent.crossmatch import source_classes
     from xmm_pipeline.latent.embed import embed_dataset
     from xmm_pipeline.model.evaluate import evaluate_reconstruction
-    from xmm_pipeline.model.train import load_artifact, split_by_source
+    from xmm_pipeline.model.train import TrainConfig, load_artifact, split_by_source
     from xmm_pipeline.spectra.dataset import load_dataset
 
     out, work = Path(out_dir), Path(work_dir)
@@ -409,9 +420,14 @@ def write_evaluation_report(
     train_rows, test_rows = split_by_source(dataset.meta["srcid"].to_numpy(),
                                             artifact.train_config.val_fraction, artifact.train_config.seed)
     test_ds = dataset.subset(test_rows)
+    baseline_config = None
+    if baseline_epochs is not None:
+        baseline_config = TrainConfig.from_dict({**artifact.train_config.to_dict(),
+                                                 "max_epochs": baseline_epochs})
     reconstruction_md, _ = evaluate_reconstruction(
         dataset.subset(train_rows), test_ds, artifact, work / "reconstruction",
-        classes=class_of.reindex(test_ds.meta["detid"]).fillna(UNKNOWN).tolist())
+        classes=class_of.reindex(test_ds.meta["detid"]).fillna(UNKNOWN).tolist(),
+        train_config=baseline_config)
     figure = work / "reconstruction" / "reconstructions.png"
     if figure.is_file():
         images.mkdir(parents=True, exist_ok=True)

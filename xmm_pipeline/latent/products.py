@@ -250,7 +250,8 @@ def _save(figure: Figure, path: str | Path) -> Path:
 def _density_axes(figure: Figure, points: np.ndarray, labels: tuple[str, str], cmap: str = "viridis"):
     axes = figure.add_subplot(1, 1, 1)
     x0, x1, y0, y1 = _extent(points)
-    histogram, xe, ye = np.histogram2d(points[:, 0], points[:, 1], bins=120, range=[[x0, x1], [y0, y1]])
+    bins = int(np.clip(np.sqrt(len(points)) / 1.5, 20, 150))
+    histogram, xe, ye = np.histogram2d(points[:, 0], points[:, 1], bins=bins, range=[[x0, x1], [y0, y1]])
     image = axes.pcolormesh(xe, ye, np.ma.masked_equal(histogram.T, 0), cmap=cmap,
                             norm=LogNorm(vmin=1, vmax=max(histogram.max(), 2)), shading="auto")
     axes.set_xlim(x0, x1)
