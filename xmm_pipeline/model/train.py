@@ -259,6 +259,7 @@ def _train(dataset: SpectralDataset, out: Path, model_config: VAEConfig, train_c
     data = SpectraTensors.from_dataset(dataset, device)
     train_data = data.take(torch.as_tensor(train_rows, device=device))
     val_data = data.take(torch.as_tensor(val_rows, device=device)) if len(val_rows) else None
+    del data  # the two parts are copies; keep device memory at one copy of the set
     rmf_matrices = float32_tensor(dataset.rmf_matrices, device)
 
     torch.manual_seed(train_config.seed)
