@@ -2,8 +2,9 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_preprocess.py [--archive DIR] [--observations N]
 
-Without --archive it builds an archive (the simulator's, if present, else the test suite's synthetic
-OGIP writer with the real canned RMF from ../shared/data/real_pn when available) in a temporary folder.
+Without --archive it builds an archive in a temporary folder: the simulator's (about 1.8 selected
+spectra per observation), or with --synthetic (or without a simulator) the test suite's OGIP writer with
+--per-observation spectra in each observation and the real canned RMF from ../shared/data/real_pn.
 Measures, in one process on one core:
   - spectra per CPU-second (= per core; robust on a shared machine) of `preprocess_archive`, cold (the
     canned RMFs read and compressed inside the timing) and warm (a second output folder, RMFs cached:
@@ -43,12 +44,12 @@ from xmm_pipeline.spectra.preprocess import (  # noqa: E402
 CANNED = REPO.parent / "shared" / "data" / "real_pn" / "canned" / "epn_e3_ff20_sdY9_v19.0.rmf"
 
 
-def build_archive(root: Path, n_observations: int, per_observation: int) -> str:
+def build_archive(root: Path, n_observations: int, per_observation: int, synthetic: bool) -> str:
     try:
         from xmm_pipeline.archive.simulated import simulate_archive
     except ImportError:
         simulate_archive = None
-    if simulate_archive is not None:
+    if simulate_archive is not None and not synthetic:
         simulate_archive(root, release="DR14", n_detections=n_observations * per_observation * 3, seed=7)
         return "simulated archive"
     from xmm_pipeline_tests.spectra.synthetic_ogip import RMF_FILE, write_archive
@@ -171,6 +172,11 @@ def main() -> None:
     parser.add_argument("--observations", type=int, default=40)
     parser.add_argument("--per-observation", type=int, default=10)
     parser.add_argument("--naive-spectra", type=int, default=8)
+    parser.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="test-suite products, --per-observation detections in each observation (default: simulator)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
@@ -178,7 +184,7 @@ def main() -> None:
         origin = f"archive {archive}"
         if archive is None:
             archive = tmp_path / "archive"
-            origin = build_archive(archive, args.observations, args.per_observation)
+            origin = build_archive(archive, args.observations, args.per_observation, args.synthetic)
         out = tmp_path / "spectra"
         cache = ResponseCache()
         started, cpu_started = time.perf_counter(), time.process_time()

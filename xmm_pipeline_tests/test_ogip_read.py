@@ -10,7 +10,8 @@ import pytest
 from astropy.io import fits
 
 from xmm_pipeline.errors import ProductError
-from xmm_pipeline.ogip.read import _read_table_astropy, read_arf, read_pha, read_rmf
+from xmm_pipeline.ogip import read as read_module
+from xmm_pipeline.ogip.read import _read_table_astropy, read_arf, read_pha, read_rmf, read_table
 
 REAL_SETS = {
     "ngc7793_p13": ("PN.pha", "PNbackground_spectrum.fits", "PN.arf", "PN.rmf", 11526),
@@ -197,3 +198,28 @@ def test_rmf_tlmin_one_and_fixed_width_matrix(tmp_path: Path) -> None:
     dense = read_rmf(tmp_path / "tiny.rmf").to_dense()
     expected = np.array([[0.5, 0.5, 0, 0, 0, 0], [0, 0.2, 0, 0, 0.3, 0.5], [0, 0, 0, 0, 0, 0]])
     np.testing.assert_allclose(dense, expected, rtol=1e-6)
+
+
+def test_fast_header_parser_joins_continue_cards(real_pn_dir: Path) -> None:
+    header, _, _ = read_table(real_pn_dir / "igr_j18490" / "PN_PWN.fits", ("SPECTRUM",))
+    assert header["SLCTEXPR"] == "(FLAG==0) && (PATTERN<=4) && ((X,Y) IN annulus(24142.959,22751,600,3000))"
+    assert header["EXPOSURE"] == pytest.approx(8775.41028656111)
+
+
+def test_fast_rmf_path_equals_astropy(real_pn_dir: Path, real_rmfs: dict, monkeypatch) -> None:
+    def unsupported(path):
+        raise read_module._UnsupportedError("forced")
+        yield
+
+    monkeypatch.setattr(read_module, "_fast_tables", unsupported)
+    slow = read_rmf(real_pn_dir / "ngc7793_p13" / "PN.rmf")
+    fast = real_rmfs["ngc7793_p13"]
+    for name in (
+        "group_energy_index",
+        "group_first_channel",
+        "group_n_chan",
+        "values",
+        "channel",
+        "energy_lo_kev",
+    ):
+        np.testing.assert_array_equal(getattr(fast, name), getattr(slow, name))

@@ -125,7 +125,11 @@ def _file_bytes(path: Path) -> bytes:
         raise ProductError(path, f"cannot read file: {error.strerror or error}") from None
     if raw[:2] == b"\x1f\x8b":
         try:
-            return gzip.decompress(raw)
+            return zlib.decompress(raw, wbits=31)  # one gzip member, CRC checked
+        except zlib.error:
+            pass
+        try:
+            return gzip.decompress(raw)  # several members
         except (OSError, EOFError, zlib.error) as error:
             raise ProductError(path, f"corrupt gzip data: {error}") from None
     return raw
@@ -189,32 +193,45 @@ class _Header(Mapping[str, Any]):
         return _Header(self._raw | other._raw, parsed | other._parsed)
 
 
-def _parse_header(data: bytes, start: int, path: Path) -> tuple[_Header, int]:
-    """Keywords of the header at `start` and the offset of its data unit."""
-    header = _Header({}, {})
-    raw, parsed = header._raw, header._parsed
-    last_key = ""
+_END_CARD = re.compile(rb"END {77}")
+
+
+def _end_of_header(data: bytes, start: int, path: Path) -> int:
+    """Offset of the END card of the header at `start` (80-byte aligned)."""
     position = start
     while True:
-        if position + _BLOCK > len(data):
+        match = _END_CARD.search(data, position)
+        if match is None:
             raise ProductError(path, "truncated FITS header (no END card)")
-        block = data[position : position + _BLOCK].decode("ascii", errors="replace")
-        position += _BLOCK
-        for i in range(0, _BLOCK, _CARD):
-            card = block[i : i + _CARD]
+        if (match.start() - start) % _CARD == 0:
+            return match.start()
+        position = match.start() + 1
+
+
+def _parse_header(data: bytes, start: int, path: Path) -> tuple[_Header, int]:
+    """Keywords of the header at `start` and the offset of its data unit."""
+    end = _end_of_header(data, start, path)
+    text = data[start:end].decode("ascii", errors="replace")
+    cards = [text[i : i + _CARD] for i in range(0, len(text), _CARD)]
+    data_start = start + (end - start) // _BLOCK * _BLOCK + _BLOCK
+    if data_start > len(data):
+        raise ProductError(path, "truncated FITS header")
+    raw: dict[str, str] = {}
+    for card in reversed(cards):  # the first occurrence of a keyword wins
+        if card[8:10] == "= ":
+            raw[card[:8].rstrip()] = card[10:]
+    header = _Header(raw, {})
+    if "CONTINUE" in text:
+        last_key = ""
+        for card in cards:
             key = card[:8].rstrip()
-            if key == "END":
-                return header, position
             if key == "CONTINUE" and last_key:
                 previous, value = header[last_key], _card_value(card[8:])
                 if isinstance(previous, str) and isinstance(value, str) and previous.endswith("&"):
-                    parsed[last_key] = previous[:-1] + value
+                    header._parsed[last_key] = previous[:-1] + value
                 continue
-            if card[8:10] != "= " or key in raw:
-                last_key = ""
-                continue
-            raw[key] = card[10:]
-            last_key = key if card[10:].lstrip().startswith("'") else ""
+            last_key = key if card[8:10] == "= " and card[10:].lstrip().startswith("'") else ""
+    return header, data_start
 
 
 def _data_size(header: Mapping[str, Any]) -> int:

@@ -569,7 +569,8 @@ def preprocess_archive(
     written = skipped = 0
     drops: Counter[str] = Counter()
     obs_ids = []
-    for obs_id, rows in selected.groupby("obs_id", sort=True):
+    plain = selected.astype({name: object for name in selected.columns if selected[name].dtype == "string"})
+    for obs_id, rows in plain.groupby("obs_id", sort=True):
         result = preprocess_observation(rows, archive_dir, out_dir, config, cache)
         obs_ids.append(str(obs_id))
         written += result.n_written
