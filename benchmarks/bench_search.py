@@ -1,7 +1,7 @@
 """Latent search benchmark: the project's FAISS index against brute-force numpy and scipy's cKDTree.
 
     .venv/bin/python benchmarks/bench_search.py --n 1000000 --dim 2
-    .venv/bin/python benchmarks/bench_search.py --spectra DIR --model DIR   # adds embedding throughput
+    .venv/bin/python benchmarks/bench_search.py --spectra DIR --model DIR [--copies 20]  # + embedding
 
 Vectors: a mixture of 20 Gaussian clusters of different widths (the shape of a trained latent space).
 Queries: indexed vectors jittered by 5% of the spread (new spectra near known ones). Reports index build
@@ -47,7 +47,28 @@ def numpy_knn(data: np.ndarray, queries: np.ndarray, k: int, batch: int = 16) ->
     return out
 
 
-def embedding_throughput(spectra_dir: str, model_dir: str, threads: int) -> str:
+def replicated_spectra(spectra_dir: Path, copies: int, out_dir: Path) -> Path:
+    """A spectra folder holding `copies` copies of every observation file (detids and obs_ids made
+    unique), so the throughput is measured at a size the session's archive does not reach."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (out_dir / "spectra").mkdir(parents=True)
+    shutil.copyfile(spectra_dir / "responses.parquet", out_dir / "responses.parquet")
+    for path in sorted((spectra_dir / "spectra").glob("*.parquet")):
+        table = pq.read_table(path)
+        for copy in range(copies):
+            detid = pa.compute.add(table["detid"], pa.scalar(copy * 10**16, pa.int64()))
+            obs_id = pa.array([f"{copy:02d}{o[2:]}" for o in table["obs_id"].to_pylist()])
+            renamed = table.set_column(table.schema.get_field_index("detid"), "detid", detid)
+            renamed = renamed.set_column(renamed.schema.get_field_index("obs_id"), "obs_id", obs_id)
+            pq.write_table(renamed, out_dir / "spectra" / f"{copy:02d}{path.stem[2:]}.parquet")
+    return out_dir
+
+
+def embedding_throughput(spectra_dir: str, model_dir: str, threads: int, copies: int) -> str:
     import torch
 
     from xmm_pipeline.latent.embed import embed_dataset, write_embeddings
@@ -56,6 +77,9 @@ def embedding_throughput(spectra_dir: str, model_dir: str, threads: int) -> str:
 
     torch.set_num_threads(threads)
     artifact = load_artifact(model_dir)
+    scratch = tempfile.TemporaryDirectory()
+    if copies > 1:
+        spectra_dir = replicated_spectra(Path(spectra_dir), copies, Path(scratch.name) / "spectra")
     start = time.perf_counter()
     dataset = load_dataset(spectra_dir)
     loaded = time.perf_counter()
@@ -64,6 +88,7 @@ def embedding_throughput(spectra_dir: str, model_dir: str, threads: int) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         write_embeddings(frame, Path(tmp) / "embeddings.parquet")
     done = time.perf_counter()
+    scratch.cleanup()
     total = done - start
     rate = len(frame) / total
     return (f"embedding end to end: {len(frame)} spectra in {total:.2f} s = {rate:.0f} spectra/s "
@@ -83,6 +108,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--spectra", help="spectra folder for the embedding throughput")
     parser.add_argument("--model", help="model artifact for the embedding throughput")
+    parser.add_argument("--copies", type=int, default=1, help="replicate the spectra this many times")
     args = parser.parse_args()
 
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -156,7 +182,7 @@ def main() -> None:
           f"vs_ckdtree={qps['index'] / qps['ckdtree']:.2f}x vs_flat={qps['index'] / qps['flat']:.1f}x "
           f"p50_ms={p50:.3f} p99_ms={p99:.3f}")
     if args.spectra and args.model:
-        print("RESULT " + embedding_throughput(args.spectra, args.model, args.threads))
+        print("RESULT " + embedding_throughput(args.spectra, args.model, args.threads, args.copies))
     else:
         print("(embedding throughput skipped: pass --spectra DIR --model DIR)")
 

@@ -12,8 +12,8 @@
     <latent>/manifest.json             inputs fingerprint, model version, where the inputs were
 
 The Dagster assets write the same files under storage root/latent. The manifest is written last: a
-run with the same inputs (same spectra files, model version and class source) finds it and does no
-work; a crashed run leaves no manifest and is redone.
+run with the same inputs (same spectra files, model version, class source and PRODUCTS_VERSION) finds
+it and does no work; a crashed run leaves no manifest and is redone.
 """
 
 from __future__ import annotations
@@ -39,11 +39,15 @@ from xmm_pipeline.latent.search import LatentIndex, build_index, load_index, sav
 from xmm_pipeline.storage import sha256_file, sha256_json, write_json_atomic, write_parquet_atomic
 
 N_TOP_MOVERS = 6
+PRODUCTS_VERSION = "1"  # bump when the products' arithmetic changes: the next `embed` redoes them
 
 
 @dataclass(frozen=True)
 class LatentLayout:
     root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
 
     @property
     def embeddings(self) -> Path:
@@ -147,6 +151,7 @@ def inputs_fingerprint(
         "truth": sha256_file(truth) if truth is not None and truth.is_file() else None,
         "tap_url": tap_url,
         "radius_arcsec": radius_arcsec,
+        "products_version": PRODUCTS_VERSION,
     })
 
 
