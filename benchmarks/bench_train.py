@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from xmm_pipeline.model.train import TrainConfig, load_artifact, make_loss_step, train_model
+from xmm_pipeline.model.train import TrainConfig, load_artifact, make_loss_step, make_optimizer, train_model
 from xmm_pipeline.model.vae import VAE, SpectraTensors, VAEConfig, count_parameters
 from xmm_pipeline_tests.model.synthetic import make_synthetic_dataset
 
@@ -45,7 +45,7 @@ class PerSpectrum(torch.utils.data.Dataset):
 
 
 def seconds_per_epoch_tensors(model, loss_step, data: SpectraTensors, batch_size: int, epochs: int) -> float:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = make_optimizer(model, TrainConfig())
     generator = torch.Generator().manual_seed(0)
     start = time.perf_counter()
     for _ in range(epochs):
@@ -64,7 +64,7 @@ def seconds_per_epoch_tensors(model, loss_step, data: SpectraTensors, batch_size
 
 def seconds_per_epoch_dataloader(model, loss_step, data: SpectraTensors, batch_size: int,
                                  epochs: int) -> float:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = make_optimizer(model, TrainConfig())
     loader = torch.utils.data.DataLoader(PerSpectrum(data), batch_size=batch_size, shuffle=True,
                                          generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()

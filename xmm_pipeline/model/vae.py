@@ -211,12 +211,14 @@ def ml_normalisation(source: torch.Tensor, counts: torch.Tensor, background: tor
     Without background the closed form sum(n) / sum(m); with it, EM fixed-point iterations
     A <- A * sum(n m / (A m + b)) / sum(m) from the net-count estimate. Detached: at the optimum
     d(loss)/dA = 0, so no gradient flows through A anyway."""
-    total_source = source.sum(-1, keepdim=True).clamp_min(1e-30)
-    net = (counts.sum(-1, keepdim=True) - background.sum(-1, keepdim=True))
-    norm = net.clamp_min(0.1 * counts.sum(-1, keepdim=True) + 1e-3) / total_source
+    inverse_total = 1.0 / source.sum(-1, keepdim=True).clamp_min(1e-30)
+    total_counts = counts.sum(-1, keepdim=True)
+    net_counts = total_counts - background.sum(-1, keepdim=True)
+    norm = net_counts.clamp_min(0.1 * total_counts + 1e-3) * inverse_total
+    weighted = counts * source
     for _ in range(iterations):
-        norm = norm * (counts * source / (norm * source + background).clamp_min(1e-30)).sum(-1, keepdim=True)
-        norm = norm / total_source
+        expected = torch.addcmul(background, norm, source).clamp_min(1e-30)
+        norm = norm * (weighted / expected).sum(-1, keepdim=True) * inverse_total
     return norm.clamp_min(1e-30)
 
 
