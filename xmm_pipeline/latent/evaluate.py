@@ -367,17 +367,21 @@ def evaluate_latent_space(embeddings: pd.DataFrame, classes: pd.DataFrame, out_d
 
 
 def latent_dimension_study(
-    dataset, classes: pd.DataFrame, work_dir: Path, latent_dims: list[int], max_epochs: int, seed: int = 0
+    dataset, classes: pd.DataFrame, work_dir: Path, latent_dims: list[int], artifact, max_epochs: int,
+    seed: int = 0,
 ) -> pd.DataFrame:
-    """Retrain the model at each latent dimension (same training settings) and measure each space."""
+    """Retrain the model at each latent dimension with the artifact's own architecture and training
+    settings (epochs capped at `max_epochs`) and measure each space."""
     from xmm_pipeline.latent.embed import embed_dataset
     from xmm_pipeline.model.train import TrainConfig, load_artifact, train_model
     from xmm_pipeline.model.vae import VAEConfig
 
+    base = artifact.train_config.to_dict()
+    train_config = TrainConfig.from_dict({**base, "max_epochs": min(max_epochs, base["max_epochs"])})
     rows = []
     for dim in latent_dims:
-        result = train_model(dataset, work_dir / f"latent_dim_{dim}", VAEConfig(latent_dim=dim),
-                             TrainConfig(max_epochs=max_epochs, seed=seed, lr=1e-3))
+        model_config = VAEConfig.from_dict({**artifact.config.to_dict(), "latent_dim": dim})
+        result = train_model(dataset, work_dir / f"latent_dim_{dim}", model_config, train_config)
         embeddings = embed_dataset(load_artifact(result.artifact_dir), dataset)
         rows.append(latent_metrics(embeddings, classes, seed=seed).summary_row())
     return pd.DataFrame(rows)
@@ -446,9 +450,10 @@ def write_evaluation_report(
     ]
     lines += ["## Latent dimension", ""]
     if latent_dims:
-        study = latent_dimension_study(dataset, classes, work, list(latent_dims), max_epochs, seed)
-        lines += [f"Models retrained with the same settings (at most {max_epochs} epochs, early stopping) at "
-                  f"each latent dimension; the same metrics on each space; deviance on all spectra.", "",
+        study = latent_dimension_study(dataset, classes, work, list(latent_dims), artifact, max_epochs, seed)
+        lines += [f"Models retrained with the evaluated model's architecture and training settings (at most "
+                  f"{max_epochs} epochs, early stopping) at each latent dimension; the same metrics on each "
+                  "space; deviance on all spectra.", "",
                   _md_table(study), ""]
     else:
         lines += ["Skipped in this run (`--skip-latent-dims`).", ""]

@@ -103,13 +103,17 @@ def test_show_plots_spectrum_and_reconstruction(latent_dir: Path, tmp_path: Path
 def test_evaluation_report(sim_archive: Path, spectra_dir: Path, trained_artifact: Path,
                            tmp_path: Path) -> None:
     report = write_evaluation_report(sim_archive, spectra_dir, trained_artifact, tmp_path / "docs",
-                                     latent_dims=[], work_dir=tmp_path / "work", baseline_epochs=2)
+                                     latent_dims=[3], max_epochs=2, work_dir=tmp_path / "work",
+                                     baseline_epochs=2)
     text = report.read_text()
     for heading in ("## Reconstruction", "## Classification in latent space", "## Similar spectra",
                     "## Outliers", "## Trajectories", "## Latent dimension"):
         assert heading in text
     assert ONE_ES_IAUNAME in text and "soft_bb" in text
     assert "hardness ratios" in text and "VAE + DeepONet" in text
+    study = text.split("## Latent dimension", 1)[1]
+    assert "| latent dim |" in study and "\n| 3 |" in study
+    assert (tmp_path / "work" / "latent_dim_3").is_dir()
     for image in ("reconstructions", "latent_classes", "latent_density", "latent_knn_recall"):
         assert (tmp_path / "docs" / "images" / f"{image}.png").is_file()
         assert f"images/{image}.png" in text
