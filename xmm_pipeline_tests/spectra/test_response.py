@@ -113,3 +113,20 @@ def test_pure_redistribution_needs_an_arf(real_responses: dict) -> None:
     rmf, _, _ = real_responses["igr_j18490"]
     with pytest.raises(ProductError, match="ARF is needed"):
         compress_response(rmf, None)
+
+
+def test_specresp_matrix_equals_rmf_plus_arf(real_responses: dict) -> None:
+    """A SPECRESP MATRIX (area folded into the RMF rows) compresses to the same area and matrix."""
+    from dataclasses import replace
+
+    rmf, arf, _ = real_responses["ngc7793_p13"]
+    full = replace(rmf, values=(rmf.values * arf.area_cm2[rmf.element_indices()[0]]).astype(np.float32))
+    full = replace(full, includes_area=True)
+    area, matrix = compress_response(rmf, arf)
+    area_full, matrix_full = compress_response(full, None)
+    usable = area > 1.0
+    np.testing.assert_allclose(area_full[usable], area[usable], rtol=2e-3)
+    np.testing.assert_allclose(matrix_full[:, usable], matrix[:, usable], atol=1e-5)
+    cache = ResponseCache()
+    compressed = cache.get(rmf.path)
+    np.testing.assert_allclose(cache.area_per_bin(arf, compressed), area, rtol=1e-6)
