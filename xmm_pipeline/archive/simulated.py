@@ -36,8 +36,12 @@ from __future__ import annotations
 import functools
 import json
 import math
+import multiprocessing
+import os
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +103,7 @@ SUBMODE_PROBABILITIES = {
     "PrimeSmallWindow": 0.06,
 }
 REPROCESSED_FRACTION = 0.02
+MJD_EPOCH = datetime(1858, 11, 17)
 FLUX_UNIT = 1e-12  # folds are computed for this flux (erg/cm^2/s) and scaled
 FOLD_BLOCK_ROWS = 128
 PIXEL_ARCSEC = 0.05  # BACKSCAL is in (0.05")^2 sky pixels, as in pipeline spectra
@@ -351,7 +356,7 @@ class _Templates:
     energy_lo: np.ndarray
     energy_hi: np.ndarray
     channel_centre: np.ndarray
-    band_masks: np.ndarray  # [5, channels]
+    band_starts: np.ndarray  # first channel of each band, then the end of the last (contiguous bands)
     full_mask: np.ndarray
     particle: np.ndarray
     soft_proton: np.ndarray
@@ -380,18 +385,24 @@ class _Templates:
         lo, hi = instrument.energy_grid_kev()
         clo, chi = instrument.channel_bounds_kev()
         centre = 0.5 * (clo + chi)
-        masks = np.stack([(centre >= a) & (centre < b) for a, b in BANDS_KEV])
+        edges = [BANDS_KEV[0][0]] + [b for _, b in BANDS_KEV]
+        starts = np.searchsorted(centre, edges, side="left")
         full = (centre >= FULL_BAND_KEV[0]) & (centre < FULL_BAND_KEV[1])
         return cls(
             lo,
             hi,
             centre,
-            masks,
+            starts,
             full,
             instrument.particle_background_rate(),
             instrument.soft_proton_rate(),
             instrument.sky_photon_flux(lo, hi),
         )
+
+
+@functools.cache
+def _templates() -> _Templates:
+    return _Templates.build()
 
 
 def _fold_rows(rows: np.ndarray, matrix: np.ndarray) -> np.ndarray:
@@ -414,7 +425,7 @@ def _rmf_for(submode: str, row_band: int) -> instrument.CannedRMF:
 
 
 def _date(mjd: float) -> str:
-    return (pd.Timestamp("1858-11-17") + pd.Timedelta(days=mjd)).strftime("%Y-%m-%dT%H:%M:%S")
+    return (MJD_EPOCH + timedelta(days=mjd)).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 @dataclass
@@ -509,10 +520,10 @@ def _simulate_observation(
         background_in_source = rng.poisson(background_rate * exposure)
         background_counts = rng.poisson(background_rate * exposure * back_ratio)
         spectrum = source_counts + background_in_source
-        band_counts = (templates.band_masks * source_counts).sum(axis=1).astype(float)
-        band_background = (templates.band_masks * background_in_source).sum(axis=1).astype(float)
-        pn_8_cts = float(source_counts[templates.full_mask].sum())
-        pn_8_bkg = float(background_in_source[templates.full_mask].sum())
+        band_counts = np.add.reduceat(source_counts, templates.band_starts)[:5].astype(float)
+        band_background = np.add.reduceat(background_in_source, templates.band_starts)[:5].astype(float)
+        pn_8_cts = float(band_counts.sum())
+        pn_8_bkg = float(band_background.sum())
         rates = band_counts / exposure
         rate_errors = np.sqrt(band_counts + band_background + 1.0) / exposure
         hr, hr_err = _hardness(rates, rate_errors)
@@ -745,11 +756,65 @@ def _read_release(out_dir: Path) -> dict[str, Any] | None:
         return None
 
 
+@dataclass
+class _ChunkResult:
+    catalogue_rows: list[dict]
+    truth_rows: list[dict]
+    rmfs_used: set[instrument.CannedRMF]
+
+
+def _simulate_chunk(job: tuple[list[Observation], int, Path]) -> _ChunkResult:
+    """Fold, sample and write one chunk of whole fields (runs in a worker process when parallel)."""
+    observations, seed, out_dir = job
+    templates = _templates()
+    folded = _fold_observations(observations, templates)
+    first_of_source: dict[int, _FoldedDetection] = {}
+    by_obs: dict[str, list[_FoldedDetection]] = {}
+    for item in folded:
+        first_of_source.setdefault(item.detection.source.srcid, item)
+        by_obs.setdefault(item.obs.obs_id, []).append(item)
+    flux_of = {
+        id(item.detection): _flux_of(item.detection, first_of_source[item.detection.source.srcid], templates)
+        for item in folded
+    }
+    result = _ChunkResult([], [], set())
+    for obs in observations:
+        if obs.reprocessed:
+            rng = _rng(seed, _REPROCESS, *obs.field_key, obs.epoch)
+            obs.ontime_s *= 0.97
+            version = "22.0"
+        else:
+            rng = _rng(seed, _OBSERVATION, *obs.field_key, obs.epoch)
+            version = "21.0"
+        rows, truth = _simulate_observation(
+            obs, by_obs[obs.obs_id], flux_of, templates, rng, out_dir, result.rmfs_used, version
+        )
+        result.catalogue_rows += rows
+        result.truth_rows += truth
+    return result
+
+
+def _worker_count(workers: int | None, n_detections: int, n_chunks: int) -> int:
+    """Processes to use: as asked, else up to 2 (or the CPU count) for archives big enough to pay the
+    start-up of a worker (~2 s)."""
+    if workers is not None:
+        return max(1, min(int(workers), n_chunks))
+    if n_detections < 6000:
+        return 1
+    return max(1, min(os.cpu_count() or 1, 4, n_chunks))
+
+
 def simulate_archive(
-    out_dir: str | Path, release: str = "DR14", n_detections: int = 2000, seed: int = 0
+    out_dir: str | Path,
+    release: str = "DR14",
+    n_detections: int = 2000,
+    seed: int = 0,
+    workers: int | None = None,
 ) -> SimulationSummary:
     """Write the simulated archive into `out_dir` (see the module docstring). Deterministic in
-    (release, n_detections, seed); a finished archive with the same parameters is not rewritten."""
+    (release, n_detections, seed) whatever the number of `workers` (processes; default: one for
+    small archives, up to the CPU count for large ones); a finished archive with the same parameters
+    is not rewritten."""
     _check_parameters(release, n_detections, seed)
     out_dir = Path(out_dir)
     fingerprint = release_fingerprint(release, n_detections, seed)
@@ -778,43 +843,25 @@ def simulate_archive(
             f"cannot write the simulated archive to {out_dir}: {error.strerror or error}"
         ) from error
 
-    templates = _Templates.build()
     dr14_fields, new_fields = _all_fields(release, n_detections, seed)
-    catalogue_rows: list[dict] = []
-    truth_rows: list[dict] = []
-    rmfs_used: set[instrument.CannedRMF] = set()
-    expected_products: set[Path] = set()
-    for observations in _chunks(dr14_fields) + _chunks(new_fields):
-        folded = _fold_observations(observations, templates)
-        first_of_source: dict[int, _FoldedDetection] = {}
-        by_obs: dict[str, list[_FoldedDetection]] = {}
-        for item in folded:
-            first_of_source.setdefault(item.detection.source.srcid, item)
-            by_obs.setdefault(item.obs.obs_id, []).append(item)
-        flux_of = {
-            id(item.detection): _flux_of(
-                item.detection, first_of_source[item.detection.source.srcid], templates
-            )
-            for item in folded
-        }
-        for obs in observations:
-            if obs.reprocessed:
-                rng = _rng(seed, _REPROCESS, *obs.field_key, obs.epoch)
-                obs.ontime_s *= 0.97
-                version = "22.0"
-            else:
-                rng = _rng(seed, _OBSERVATION, *obs.field_key, obs.epoch)
-                version = "21.0"
-            rows, truth = _simulate_observation(
-                obs, by_obs[obs.obs_id], flux_of, templates, rng, out_dir, rmfs_used, version
-            )
-            catalogue_rows += rows
-            truth_rows += truth
-            for row in truth:
-                if row["has_spectrum"]:
-                    expected_products.update(
-                        spectral_product_paths(out_dir, obs.obs_id, row["src_num"]).values()
-                    )
+    chunks = _chunks(dr14_fields) + _chunks(new_fields)
+    jobs = [(chunk, seed, out_dir) for chunk in chunks]
+    n_workers = _worker_count(workers, n_detections, len(chunks))
+    if n_workers > 1:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=n_workers, mp_context=context) as pool:
+            results = list(pool.map(_simulate_chunk, jobs))
+    else:
+        results = [_simulate_chunk(job) for job in jobs]
+    catalogue_rows = [row for result in results for row in result.catalogue_rows]
+    truth_rows = [row for result in results for row in result.truth_rows]
+    rmfs_used = {rmf for result in results for rmf in result.rmfs_used}
+    expected_products = {
+        path
+        for row in truth_rows
+        if row["has_spectrum"]
+        for path in spectral_product_paths(out_dir, row["obs_id"], row["src_num"]).values()
+    }
     for rmf in sorted(rmfs_used, key=lambda r: r.stem):
         write_canned_rmf(out_dir, rmf)
     _remove_stale_products(out_dir, expected_products, previous)
@@ -962,7 +1009,7 @@ def simulate_observation(
     obs = Observation(
         str(obs_id), (0,), 0, 58000.0, float(exposure_s), pn_filter, submode, 1.0, 1.0, 0.0, True, [detection]
     )
-    templates = _Templates.build()
+    templates = _templates()
     folded = _fold_observations([obs], templates)
     rmfs: set[instrument.CannedRMF] = set()
     flux_of = {id(detection): float(params["flux_erg_cm2_s"])}

@@ -10,6 +10,7 @@ with astropy or any OGIP reader.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 from collections.abc import Mapping, Sequence
@@ -17,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from xmm_pipeline.storage import atomic_path
 
 BLOCK_BYTES = 2880
 CARD_BYTES = 80
@@ -29,6 +28,7 @@ _FITS_DTYPES = {"I": ">i2", "J": ">i4", "K": ">i8", "E": ">f4", "D": ">f8", "B":
 MISSION_KEYWORDS: dict[str, Value] = {"TELESCOP": "XMM", "INSTRUME": "EPN"}
 
 
+@functools.lru_cache(maxsize=8192)
 def card(key: str, value: Value | None = None, comment: str = "") -> bytes:
     """One 80-byte header card in FITS fixed format (strings left-, numbers right-justified)."""
     if value is None:
@@ -153,7 +153,8 @@ def is_gzip_name(path: str | Path) -> bool:
 
 
 def write_fits_file(path: str | Path, data: bytes, compress: bool | None = None) -> Path:
-    """Write FITS bytes atomically; gzip when `compress` (default: from the suffix, .FTZ or .gz).
+    """Write FITS bytes atomically (a temporary sibling renamed into place); gzip when `compress`
+    (default: from the suffix, .FTZ or .gz).
 
     A file that already holds exactly these bytes is left untouched (its mtime too), so re-running
     a deterministic writer does no work downstream.
@@ -163,9 +164,16 @@ def write_fits_file(path: str | Path, data: bytes, compress: bool | None = None)
         data = gzip_bytes(data)
     if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
         return path
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-        os.chmod(tmp, 0o644)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        try:
+            tmp.write_bytes(data)
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
