@@ -395,7 +395,9 @@ def _observation_hash(
         if src_num in src_nums
         for path in kinds.values()
     )
-    ordered = sorted(rows, key=lambda row: int(row["detid"]))
+    ordered = [
+        [row[name] for name in _CATALOGUE_SCALARS] for row in sorted(rows, key=lambda r: int(r["detid"]))
+    ]
     return sha256_json(
         {"version": PREPROCESS_VERSION, "grid": asdict(config.grid), "rows": ordered, "files": files}
     )
@@ -423,8 +425,9 @@ def preprocess_observation(
 ) -> ObservationResult:
     """Preprocess the selected detections of one observation into out_dir/spectra/<obs_id>.parquet.
 
-    Skipped (files untouched) when that file exists with the same input hash: catalogue rows, product
-    file contents, grid and PREPROCESS_VERSION. Bad products go to the returned quarantine list; a
+    Skipped (files untouched) when that file exists with the same input hash: the catalogue values the
+    file carries (not e.g. `release` or `n_detections`, which a new release changes everywhere), the
+    product file contents, the grid and PREPROCESS_VERSION. Bad products go to the returned quarantine list; a
     source without an SRSPEC counts as dropped (no_pn_spectrum). The file is written atomically, also
     when no row survives, so that the outcome (quarantine, drops, in the file's metadata) is kept.
     """

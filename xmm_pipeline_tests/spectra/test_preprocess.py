@@ -121,6 +121,12 @@ def test_a_changed_observation_alone_is_redone(archive: Path, tmp_path: Path) ->
     out = tmp_path / "spectra"
     preprocess_archive(archive, out)
     before = _mtimes(out / "spectra")
+    catalogue = pd.read_parquet(archive / "catalogue.parquet")
+    catalogue["release"] = "NEXT"  # a new release label and detection counts alone change no spectrum
+    catalogue["n_detections"] += 1
+    catalogue.to_parquet(archive / "catalogue.parquet", index=False)
+    assert preprocess_archive(archive, out).observations_skipped == 2
+    assert _mtimes(out / "spectra") == before
     background = archive / OBS_B / "pps" / product_name(OBS_B, "BGSPEC", 3)
     with fits.open(background) as hdus:
         hdus["SPECTRUM"].data["COUNTS"][100] += 7
