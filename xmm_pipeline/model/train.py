@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 MODEL_FILE, CONFIG_FILE, HISTORY_FILE = "model.pt", "model.json", "history.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 FAST_PATH_TOLERANCE = 1e-2
+NOT_FINGERPRINTED = ("device", "num_threads", "checkpoint_every")  # settings that do not change the model
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class TrainConfig:
     device: str = "auto"
     bf16: bool = False  # CUDA only: bf16 autocast of the networks (fold and loss stay float32)
     compile: bool = False  # CUDA only: torch.compile of the loss step
+    compile_mode: str = "default"  # torch.compile mode, e.g. "reduce-overhead" (CUDA graphs)
     num_threads: int | None = None  # CPU threads for torch (None: torch's default)
 
     def to_dict(self) -> dict[str, Any]:
@@ -168,14 +170,15 @@ def torch_threads(num_threads: int | None):
         torch.set_num_threads(previous)
 
 
-def make_loss_step(model: VAE, rmf_matrices: torch.Tensor, bf16: bool, compiled: bool) -> Callable:
+def make_loss_step(model: VAE, rmf_matrices: torch.Tensor, bf16: bool, compiled: bool,
+                   compile_mode: str = "default") -> Callable:
     """loss(batch, noise) -> (loss, nll, kl), optionally under bf16 autocast and torch.compile."""
 
     def step(batch: SpectraTensors, noise: torch.Tensor | None):
         with torch.autocast(device_type=rmf_matrices.device.type, dtype=torch.bfloat16, enabled=bf16):
             return poisson_vae_loss(model, batch, rmf_matrices, noise)
 
-    return torch.compile(step) if compiled else step
+    return torch.compile(step, mode=compile_mode) if compiled else step
 
 
 def check_fast_paths(model: VAE, data: SpectraTensors, rmf_matrices: torch.Tensor, bf16: bool,
@@ -248,7 +251,8 @@ def train_model(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = sha256_json({"data": dataset_fingerprint(dataset), "model": model_config.to_dict(),
-                               "train": {k: v for k, v in train_config.to_dict().items() if k != "device"},
+                               "train": {k: v for k, v in train_config.to_dict().items()
+                                         if k not in NOT_FINGERPRINTED},
                                "init": None if model is None else state_dict_hash(model.state_dict())})
     finished = _finished_result(out, fingerprint)
     if finished is not None:
@@ -290,7 +294,7 @@ def _train(dataset: SpectralDataset, out: Path, model_config: VAEConfig, train_c
             log.warning("fast paths change the loss by %s >= %g; training in float32 eager", changes,
                         FAST_PATH_TOLERANCE)
             bf16 = compiled = False
-    loss_step = make_loss_step(model, rmf_matrices, bf16, compiled)
+    loss_step = make_loss_step(model, rmf_matrices, bf16, compiled, train_config.compile_mode)
 
     state = {"epoch": 0, "best_val": math.inf, "best_epoch": 0, "bad_epochs": 0, "history": [],
              "stopped": False,

@@ -106,6 +106,9 @@ def test_same_seed_same_model_and_a_finished_run_does_no_work(trained, dataset, 
     before = weights.stat().st_mtime_ns
     rerun = train_model(dataset, trained.artifact_dir, TINY, QUICK)
     assert rerun.version == trained.version and weights.stat().st_mtime_ns == before
+    other_threads = TrainConfig.from_dict({**QUICK.to_dict(), "num_threads": 2, "checkpoint_every": 5})
+    assert train_model(dataset, trained.artifact_dir, TINY, other_threads).version == trained.version
+    assert weights.stat().st_mtime_ns == before
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(dataset, tmp_path: Path) -> None:
