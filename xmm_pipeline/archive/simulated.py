@@ -273,20 +273,41 @@ def _make_field(
     # Sources: a target at the centre of monitored fields, serendipitous ones anywhere in the FOV.
     sources: list[Source] = []
 
-    def add_source(params: dict[str, Any], off_axis: float, angle: float, is_cl: bool = False) -> None:
+    def add_source(
+        params: dict[str, Any],
+        off_axis: float,
+        angle: float,
+        is_cl: bool = False,
+        counts: float | None = None,
+    ) -> None:
         ra, dec = _offset_position(ra0, dec0, off_axis, angle)
         if is_cl:
             ra, dec = CHANGING_LOOK_RA_DEG, CHANGING_LOOK_DEC_DEG
         band = (3, 6, 9)[int(angle / (2 * math.pi) * 3) % 3]
         sources.append(
-            Source(srcid_base + len(sources) + 1, params, ra, dec, off_axis, band, _target_counts(rng), is_cl)
+            Source(
+                srcid_base + len(sources) + 1,
+                params,
+                ra,
+                dec,
+                off_axis,
+                band,
+                counts if counts is not None else _target_counts(rng),
+                is_cl,
+            )
         )
 
     if changing_look:
         add_source(with_defaults({"class": "AGN", "nh_gal_cm2": 6.5e20, "redshift": 0.017}), 0.3, 0.5, True)
     elif kind == "monitor":
+        # The target of a monitoring programme is bright: its fading or outburst stays measurable.
         target = str(rng.choice(["TDE", "XRB", "XRB", "TDE", "CV", "AGN", "star", "ULX"]))
-        add_source(draw_source(rng, target), float(rng.uniform(0.0, 1.5)), float(rng.uniform(0, 2 * math.pi)))
+        add_source(
+            draw_source(rng, target),
+            float(rng.uniform(0.0, 1.5)),
+            float(rng.uniform(0, 2 * math.pi)),
+            counts=float(math.exp(rng.uniform(math.log(1e3), math.log(1.5e4)))),
+        )
     for _ in range(1 + int(rng.poisson(3.0))):
         add_source(
             draw_source(rng, _draw_class(rng)),
@@ -797,6 +818,8 @@ def _simulate_chunk(job: tuple[list[Observation], int, Path]) -> _ChunkResult:
 def _worker_count(workers: int | None, n_detections: int, n_chunks: int) -> int:
     """Processes to use: as asked, else up to 2 (or the CPU count) for archives big enough to pay the
     start-up of a worker (~2 s)."""
+    if multiprocessing.current_process().daemon:
+        return 1
     if workers is not None:
         return max(1, min(int(workers), n_chunks))
     if n_detections < 6000:

@@ -293,8 +293,8 @@ def epoch_params(
             "hard" if phase < 0.2 or phase > 0.8 else ("steep" if phase < 0.35 or phase > 0.65 else "thermal")
         )
         p.update(xrb_state_params(base, state, rng))
-        peak = 8.0 * math.exp(-0.5 * ((phase - 0.5) / 0.22) ** 2)
-        return p, float((0.3 + peak) / (0.3 + 8.0 * math.exp(-0.5 * (0.5 / 0.22) ** 2)))
+        peak = 4.0 * math.exp(-0.5 * ((phase - 0.5) / 0.22) ** 2)
+        return p, float((0.3 + peak) / (0.3 + 4.0 * math.exp(-0.5 * (0.5 / 0.22) ** 2)))
     if klass == "star" and rng.random() < 0.12:
         p.update(
             kt2_kev=base["kt2_kev"] * float(rng.uniform(1.5, 2.5)),
