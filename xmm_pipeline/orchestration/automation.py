@@ -2,7 +2,8 @@
 
 - `ingest`: catalogue to spectra, over a range of observation partitions per run.
 - `retrain`: training set, model and everything downstream. Only ever launched by a person.
-- `reembed`: embeddings, index and latent products with the current model.
+- `reembed`: embeddings, index and latent products with the current model; it also runs the check
+  that shows the model stale relative to the data.
 - `all`: everything.
 The sensor turns a new catalogue release into `ingest` runs for the new and changed observations,
 then one `reembed` run once those have succeeded. The schedule re-embeds when spectra changed since
@@ -42,6 +43,7 @@ from xmm_pipeline.orchestration.assets_spectra import (
     pn_spectra,
     training_set,
 )
+from xmm_pipeline.orchestration.checks import model_trained_on_current_data
 from xmm_pipeline.orchestration.partitions import (
     OBSERVATION_PARTITIONS_NAME,
     changed_observations,
@@ -69,7 +71,7 @@ retrain_job = define_asset_job(
 )
 reembed_job = define_asset_job(
     "reembed",
-    selection=AssetSelection.assets(*REEMBED_ASSETS),
+    selection=AssetSelection.assets(*REEMBED_ASSETS) | AssetSelection.checks(model_trained_on_current_data),
     description="Embeddings, index and latent products with the current model (no retraining).",
 )
 all_job = define_asset_job(

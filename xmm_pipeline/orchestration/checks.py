@@ -9,10 +9,10 @@ from dagster import AssetCheckResult, AssetCheckSeverity, MetadataValue, asset_c
 
 from xmm_pipeline.archive.catalogue import CANONICAL_COLUMNS
 from xmm_pipeline.orchestration.assets_archive import detections, selected_detections
-from xmm_pipeline.orchestration.assets_latent import latent_embeddings
 from xmm_pipeline.orchestration.assets_model import VALIDATION_FILE, vae_model
 from xmm_pipeline.orchestration.assets_spectra import training_set
 from xmm_pipeline.orchestration.resources import StorageResource
+from xmm_pipeline.storage import sha256_file
 
 MAX_QUARANTINE_SHARE = 0.05
 
@@ -108,25 +108,41 @@ def vae_model_beats_pca(storage: StorageResource) -> AssetCheckResult:
 
 
 @asset_check(
-    asset=latent_embeddings,
-    description="Warns when the data has spectra the model never saw: retraining is a human decision.",
+    asset=vae_model,
+    description="Warns when the spectra changed since the model's training set was taken: the model is "
+    "stale relative to the data. Retraining stays a human decision (launch `retrain`).",
 )
 def model_trained_on_current_data(storage: StorageResource) -> AssetCheckResult:
-    from xmm_pipeline.model.train import load_artifact
+    from xmm_pipeline.spectra.dataset import SPECTRA_SUBDIR
 
-    embedded = pd.read_parquet(storage.latent_dir / "embeddings.parquet", columns=["detid"])["detid"]
-    trained = pd.read_parquet(storage.training_dir / "split.parquet", columns=["detid"])["detid"]
-    unseen = int((~embedded.isin(trained)).sum())
+    live = {p.name: p for p in (storage.spectra_dir / SPECTRA_SUBDIR).glob("*.parquet")}
+    trained = {p.name: p for p in (storage.training_dir / SPECTRA_SUBDIR).glob("*.parquet")}
+    changed = sorted(
+        name
+        for name, path in live.items()
+        if name not in trained or sha256_file(path) != sha256_file(trained[name])
+    )
+    withdrawn = sorted(set(trained) - set(live))
+    live_detids = (
+        pd.read_parquet(storage.spectra_dir / SPECTRA_SUBDIR, columns=["detid"])["detid"] if live else []
+    )
+    trained_detids = pd.read_parquet(storage.training_dir / "split.parquet", columns=["detid"])["detid"]
+    unseen = int((~pd.Series(live_detids).isin(trained_detids)).sum())
+    stale = bool(changed or withdrawn)
     return AssetCheckResult(
-        passed=unseen == 0,
+        passed=not stale,
         severity=AssetCheckSeverity.WARN,
-        description=None
-        if unseen == 0
-        else f"{unseen} embedded spectra were not in the model's training set",
+        description=(
+            f"model is stale: {len(changed)} observations new or changed and {len(withdrawn)} withdrawn "
+            f"since its training set; {unseen} spectra unseen. Launch `retrain` when ready."
+        )
+        if stale
+        else "model trained on the current spectra",
         metadata={
-            "embedded": len(embedded),
-            "unseen by the model": unseen,
-            "model version": load_artifact(storage.model_dir).version,
+            "observations new or changed": len(changed),
+            "observations withdrawn": len(withdrawn),
+            "spectra unseen by the model": unseen,
+            "changed (first 20)": MetadataValue.json(changed[:20]),
         },
     )
 
