@@ -17,6 +17,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
+def _file_mode_from_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+# mkstemp creates 0600 files; written products should get the permissions of an ordinary file.
+_DEFAULT_FILE_MODE = _file_mode_from_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(final_path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside `final_path`; rename it into place only if the block succeeds."""
@@ -27,6 +37,7 @@ def atomic_path(final_path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        tmp.chmod(_DEFAULT_FILE_MODE)
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
