@@ -106,6 +106,7 @@ REPROCESSED_FRACTION = 0.02
 MJD_EPOCH = datetime(1858, 11, 17)
 FLUX_UNIT = 1e-12  # folds are computed for this flux (erg/cm^2/s) and scaled
 FOLD_BLOCK_ROWS = 128
+CHUNK_DETECTIONS = 2048
 PIXEL_ARCSEC = 0.05  # BACKSCAL is in (0.05")^2 sky pixels, as in pipeline spectra
 
 # Stream keys of the random generators (SeedSequence spawn keys).
@@ -738,8 +739,10 @@ def _check_parameters(release: str, n_detections: int, seed: int) -> None:
         raise UserError(f"seed must be a non-negative integer, got {seed!r}")
 
 
-def _chunks(fields: list[list[Observation]], max_detections: int = 2048) -> list[list[Observation]]:
-    """Whole fields grouped into chunks of about `max_detections` (the unit of one batched fold)."""
+def _chunks(fields: list[list[Observation]], max_detections: int | None = None) -> list[list[Observation]]:
+    """Whole fields grouped into chunks of about `max_detections` (the unit of one batched fold and of
+    one worker task)."""
+    max_detections = max_detections or CHUNK_DETECTIONS
     chunks: list[list[Observation]] = []
     current: list[Observation] = []
     size = 0

@@ -12,7 +12,7 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
-from xmm_pipeline.archive import instrument
+from xmm_pipeline.archive import instrument, simulated
 from xmm_pipeline.archive.catalogue import CANONICAL_COLUMNS, FOURXMM_COLUMNS, canonical_from_4xmm
 from xmm_pipeline.archive.products import find_canned_rmf, responses_dir, spectral_product_paths
 from xmm_pipeline.archive.simulated import (
@@ -321,3 +321,10 @@ def test_cli_unwritable_directory_and_success(tmp_path: Path, capsys: pytest.Cap
     assert main(["simulate", "--detections", "25", "--seed", "4", "--out", str(tmp_path / "ok")]) == 0
     assert "25 detections" in capsys.readouterr().out
     assert (tmp_path / "ok" / "release.json").is_file()
+
+
+def test_worker_processes_write_the_same_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(simulated, "CHUNK_DETECTIONS", 40)
+    simulate_archive(tmp_path / "one", "DR14", 150, 8, workers=1)
+    simulate_archive(tmp_path / "two", "DR14", 150, 8, workers=2)
+    assert _files(tmp_path / "one") == _files(tmp_path / "two")
