@@ -19,7 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 N_DETECTIONS = 600
 SEED = 2
 # Enough optimisation steps on ~150 training spectra for the VAE to beat the PCA baseline (blocking).
-TEST_MODEL = {"max_epochs": 150, "patience": 25, "batch_size": 32, "learning_rate": 3e-4, "seed": 0}
+TEST_MODEL = {"max_epochs": 300, "patience": 40, "batch_size": 32, "learning_rate": 3e-4, "seed": 0}
 
 
 def pipeline_definitions(root: Path, release: str = "DR14") -> Definitions:
