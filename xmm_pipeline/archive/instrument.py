@@ -340,7 +340,7 @@ PARTICLE_LINES_KEV_STRENGTH: tuple[tuple[float, float], ...] = (
     (8.63, 6.0e-5),
     (8.90, 3.0e-5),
 )
-SKY_CXB_NORM_PER_ARCMIN2 = 10.9 / 3600.0 * 1e-3  # photons/cm^2/s/keV at 1 keV (Gamma 1.42)
+SKY_CXB_NORM_PER_ARCMIN2 = 10.9 / 1.1818e7  # 10.9 photons/cm^2/s/sr/keV at 1 keV, Gamma 1.42
 
 
 def particle_background_rate(channel_scale: float = 1.0) -> np.ndarray:
@@ -376,6 +376,6 @@ def sky_photon_flux(energy_lo_kev: np.ndarray, energy_hi_kev: np.ndarray) -> np.
     absorption = physics.absorption(centre, 3e20)
     cxb = physics.powerlaw(centre, 1.42, SKY_CXB_NORM_PER_ARCMIN2) * absorption
     thermal = (
-        physics.bremsstrahlung(centre, 0.1, 4e-6) + physics.bremsstrahlung(centre, 0.25, 1.5e-6) * absorption
+        physics.bremsstrahlung(centre, 0.1, 2e-5) + physics.bremsstrahlung(centre, 0.25, 7.5e-6) * absorption
     )
     return (cxb + thermal) * width
