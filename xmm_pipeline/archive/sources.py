@@ -338,7 +338,8 @@ def photon_spectrum(
         photons = density * width
         if p["fe_line_ew_kev"] > 0:
             continuum = float(physics.powerlaw(6.4, p["photon_index"]) * physics.absorption(6.4, p["nh_cm2"]))
-            photons = photons + p["fe_line_ew_kev"] * continuum * physics.line_in_bins(
+            observed_ew_kev = p["fe_line_ew_kev"] / z1  # rest-frame EW, redshifted
+            photons = photons + observed_ew_kev * continuum * physics.line_in_bins(
                 energy_lo_kev, energy_hi_kev, 6.4 / z1, 0.05 / z1
             )
     elif klass == "star":
