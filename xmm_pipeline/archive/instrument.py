@@ -14,7 +14,9 @@ eye to the real files' shapes, not calibration.
   at 1.5 keV and smaller at higher energy.
 - Redistribution: a Gaussian core with FWHM(E) of the brief; a low-energy shelf (incomplete charge
   collection; strong below ~0.6 keV and just above the Si K edge, where photons are absorbed near the
-  entrance window), flat from E - w(E) to E; the Si K escape peak at E - 1.74 keV above 1.839 keV.
+  entrance window), flat from E - w(E) to E; the Si K escape peak at E - 1.74 keV above 1.839 keV;
+  below ~0.35 keV the core itself sits at about half the photon energy, so a soft blackbody leaks
+  into the 0.3-10 keV channels as the brief says (6/1.5/0.5% at kT 50/80/120 eV).
 - Background: particle continuum with the Al, Ni, Cu, Zn fluorescence lines (not vignetted, flat-ish,
   dominating above ~5 keV), soft X-ray sky (0.1 + 0.25 keV plasma-like thermal and the absorbed
   cosmic X-ray background, folded through the response), optional soft-proton flare component.
