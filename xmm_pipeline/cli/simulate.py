@@ -25,8 +25,8 @@ def run(args: argparse.Namespace) -> int:
     summary = simulate_archive(args.out, release=args.release, n_detections=args.detections, seed=args.seed)
     state = "already present" if summary.skipped else "written"
     print(
-        f"simulated {summary.release} archive {state} in {summary.out_dir}: {summary.n_detections} detections, "
-        f"{summary.n_observations} observations, {summary.n_spectra} pn spectra, {summary.n_rmfs} canned RMFs "
-        f"(fingerprint {summary.fingerprint})"
+        f"simulated {summary.release} archive {state} in {summary.out_dir}: "
+        f"{summary.n_detections} detections, {summary.n_observations} observations, "
+        f"{summary.n_spectra} pn spectra, {summary.n_rmfs} canned RMFs (fingerprint {summary.fingerprint})"
     )
     return 0
