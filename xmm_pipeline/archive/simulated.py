@@ -15,8 +15,9 @@ centre. Every source in a field is detected at every epoch, so ~20% of sources h
 detections. Field 0 holds the 1ES 1927+654-like changing-look AGN (8 epochs, 2011-2022).
 
 Counts: each source's first detection gets pn 0.2-12 keV counts from a truncated power law
-N(>C) ~ C^-0.8 between 50 and 10^5 (a logN-logS-like shape, ~24% above 300); its flux follows, and
-later epochs change flux and spectrum as `sources.epoch_params` says. The catalogue's PN_8_CTS and
+N(>C) ~ C^-0.8 between 50 and 10^5 (a logN-logS-like shape; with the bright monitoring targets ~30%
+of detections end above 300); its flux follows, and later epochs change flux and spectrum as
+`sources.epoch_params` says (exposure changes move the counts too). The catalogue's PN_8_CTS and
 band rates count the simulated source photons (the spectrum minus its background realisation);
 EP_HRi = (R_{i+1} - R_i) / (R_{i+1} + R_i) on the band rates (0.2-0.5, 0.5-1, 1-2, 2-4.5, 4.5-12 keV).
 
@@ -26,8 +27,9 @@ Which detections have spectra: the pipeline extracts a pn spectrum when PN_8_CTS
 (EP_EXTENT 6-60"), so the >300 counts / SUM_FLAG < 3 / point-like selection removes ~20% of the bright ones.
 
 Determinism: every random draw comes from a generator keyed (numpy SeedSequence spawn keys) by the
-seed and the field or observation, never from a shared stream, and model folds run in fixed-size row
-blocks, so an observation's files depend only on (seed, its field). DR15 = DR14's fields unchanged
+seed and the field or observation, never from a shared stream, and model folds run single-threaded in
+fixed-size row blocks, so an observation's files depend only on (seed, its field), not on the number
+of worker processes. DR15 = DR14's fields unchanged
 plus new fields (MJD 60310-60597) and a few DR14 observations re-processed (new counts and flags).
 """
 
