@@ -260,10 +260,27 @@ def _confusion_figure(metrics: LatentMetrics, path: Path) -> Path:
     return path
 
 
+def reference_scores(table: pd.DataFrame, features: pd.DataFrame, seed: int = 0) -> dict[str, float]:
+    """k-NN scores of another representation (`features`: detid + feature columns) on the same rows."""
+    aligned = table[["detid", "class", "srcid"]].merge(features, on="detid", how="inner")
+    values = aligned.drop(columns=["detid", "class", "srcid"]).to_numpy(np.float64)
+    labels, groups = aligned["class"].astype(str).to_numpy(), aligned["srcid"].to_numpy()
+    scores = knn_classification(values, labels, groups, seed=seed)
+    return {"accuracy": scores.accuracy, "balanced accuracy": scores.balanced_accuracy,
+            "precision@10": precision_at_k(_standardised(values), labels, groups)}
+
+
 def latent_report_sections(
-    embeddings: pd.DataFrame, classes: pd.DataFrame, images_dir: str | Path, image_prefix: str = "images/"
+    embeddings: pd.DataFrame,
+    classes: pd.DataFrame,
+    images_dir: str | Path,
+    image_prefix: str = "images/",
+    references: dict[str, pd.DataFrame] | None = None,
 ) -> tuple[str, LatentMetrics]:
-    """The latent-space sections of the report (markdown) with their figures written to images_dir."""
+    """The latent-space sections of the report (markdown) with their figures written to images_dir.
+
+    `references` adds rows to the classification table: other representations of the same
+    detections (label -> frame of detid + feature columns), scored the same way."""
     images = Path(images_dir)
     metrics = latent_metrics(embeddings, classes)
     table = labelled(embeddings, classes)
@@ -293,6 +310,8 @@ def latent_report_sections(
         "balanced accuracy": [latent.balanced_accuracy, hardness.balanced_accuracy],
         "precision@10": [metrics.precision_at_10_latent, metrics.precision_at_10_hardness],
     })
+    for label, features in (references or {}).items():
+        headline.loc[len(headline)] = {"features": label, **reference_scores(table, features)}
     margin = latent.balanced_accuracy - hardness.balanced_accuracy
     verdict = "beats" if margin > 0 else "does not beat"
     lines = [
@@ -387,6 +406,17 @@ def latent_dimension_study(
     return pd.DataFrame(rows)
 
 
+def unfolded_pca_features(dataset, n_components: int) -> pd.DataFrame:
+    """The first principal components of the encoder's input (the scaled unfolded spectra): a linear
+    reference telling how much of the classification the representation itself already carries."""
+    from sklearn.decomposition import PCA
+
+    scores = PCA(n_components, random_state=0).fit_transform(np.asarray(dataset.unfolded, dtype=np.float64))
+    frame = pd.DataFrame(scores, columns=[f"pc{i}" for i in range(n_components)])
+    frame.insert(0, "detid", dataset.meta["detid"].to_numpy(np.int64))
+    return frame
+
+
 def write_evaluation_report(
     archive_dir: str | Path,
     spectra_dir: str | Path,
@@ -439,7 +469,10 @@ def write_evaluation_report(
         reconstruction_md = reconstruction_md.replace("](reconstructions.png)",
                                                       f"]({IMAGES_SUBDIR}/reconstructions.png)")
 
-    latent_md, metrics = latent_report_sections(embeddings, classes, images)
+    latent_md, metrics = latent_report_sections(
+        embeddings, classes, images, references={
+            f"PCA of the unfolded spectra ({artifact.config.latent_dim} components, diagnostic)":
+                unfolded_pca_features(dataset, artifact.config.latent_dim)})
     lines = [
         "# Evaluation", "",
         f"Produced by `xmm-pipeline evaluate` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC: simulated archive "

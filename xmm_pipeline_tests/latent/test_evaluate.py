@@ -10,6 +10,7 @@ from xmm_pipeline.latent.evaluate import (
     evaluate_latent_space,
     knn_classification,
     latent_metrics,
+    latent_report_sections,
     outlier_recall,
     precision_at_k,
     soft_state_neighbours,
@@ -89,3 +90,12 @@ def test_latent_report_is_written(tmp_path) -> None:
     for name in ("latent_density", "latent_classes", "latent_knn_recall", "latent_trajectories"):
         assert (tmp_path / "images" / f"{name}.png").stat().st_size > 5000
         assert f"images/{name}.png" in text
+
+
+def test_reference_representations_are_scored_like_the_latent_space(tmp_path) -> None:
+    embeddings, classes = synthetic_embeddings(n_sources=80, detections_per_source=3, n_odd=0)
+    same = embeddings[["detid", "z0", "z1"]].rename(columns={"z0": "a", "z1": "b"})
+    text, metrics = latent_report_sections(embeddings, classes, tmp_path, references={"copy of z": same})
+    row = next(line for line in text.splitlines() if line.startswith("| copy of z |"))
+    assert f"{metrics.knn_latent.balanced_accuracy:.3f}" in row
+    assert f"{metrics.precision_at_10_latent:.3f}" in row

@@ -110,7 +110,7 @@ def test_evaluation_report(sim_archive: Path, spectra_dir: Path, trained_artifac
                     "## Outliers", "## Trajectories", "## Latent dimension"):
         assert heading in text
     assert ONE_ES_IAUNAME in text and "soft_bb" in text
-    assert "hardness ratios" in text and "VAE + DeepONet" in text
+    assert "hardness ratios" in text and "VAE + DeepONet" in text and "PCA of the unfolded spectra" in text
     study = text.split("## Latent dimension", 1)[1]
     assert "| latent dim |" in study and "\n| 3 |" in study
     assert (tmp_path / "work" / "latent_dim_3").is_dir()
