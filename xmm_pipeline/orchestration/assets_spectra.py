@@ -2,6 +2,7 @@
 
 import shutil
 from collections import Counter
+from pathlib import Path
 
 import pandas as pd
 from dagster import (
@@ -155,8 +156,7 @@ def training_set(storage: StorageResource, model: ModelSettings) -> MaterializeR
         ),
     }
     write_json_atomic(staging / "summary.json", summary)
-    shutil.rmtree(snapshot, ignore_errors=True)
-    staging.rename(snapshot)
+    replace_folder(staging, snapshot)
     quarantine = live / "quarantine.parquet"
     n_quarantined = len(pd.read_parquet(quarantine)) if quarantine.exists() else 0
     return MaterializeResult(
@@ -184,3 +184,13 @@ def training_split(dataset, model: ModelSettings) -> pd.DataFrame:
     split["split"] = "train"
     split.loc[validation_rows, "split"] = "validation"
     return split
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Put `new` in place of `target` with renames only: a crash leaves the old or the new one."""
+    retired = target.with_name(target.name + ".old")
+    shutil.rmtree(retired, ignore_errors=True)
+    if target.exists():
+        target.rename(retired)
+    new.rename(target)
+    shutil.rmtree(retired, ignore_errors=True)
