@@ -79,7 +79,22 @@ def summary(storage_root: Path, home: Path, seconds: float, success: bool) -> st
         "",
         "Open the Dagster UI (asset graph, runs, metadata, loss curves, maps) on this machine only:",
         f"  DAGSTER_HOME={home} .venv/bin/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml",
-        "  then browse http://127.0.0.1:3000 (run it from the repository root, where ./data lives).",
-        "Try it:  .venv/bin/xmm-pipeline similar <detid> -k 10   |   .venv/bin/xmm-pipeline outliers -n 20",
+        "  then browse http://127.0.0.1:3000 (run it from the repository root: the UI reads ./data).",
+        *try_it(latent),
     ]
     return "\n".join(lines)
+
+
+def try_it(latent: Path) -> list[str]:
+    """Example commands on the demo's own results (the most unusual detection as the query)."""
+    outliers = latent / "outliers.parquet"
+    if not outliers.exists():
+        return []
+    import pandas as pd
+
+    detid = int(pd.read_parquet(outliers, columns=["detid"])["detid"].iloc[0])
+    return [
+        "Try it:",
+        f"  .venv/bin/xmm-pipeline outliers -n 20 --latent {latent}",
+        f"  .venv/bin/xmm-pipeline similar {detid} -k 10 --latent {latent}",
+    ]
