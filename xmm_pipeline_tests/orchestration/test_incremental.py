@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from dagster import AssetKey, DagsterEventType, EventRecordsFilter, build_schedule_context
+from dagster import AssetKey, build_schedule_context
 from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
 from dagster._core.loader import LoadingContextForTest
 
@@ -72,15 +72,10 @@ def dr15_update(dr14_pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -
         reasons["after reembed"] = spectra_changed_since_embedding(instance)
         skips["after reembed"] = tick_release_sensor(dr15, instance, reembed.cursor).skip_message
         run_ids = [result.run_id for _, result in ingest.runs]
-        checks = instance.get_event_records(
-            EventRecordsFilter(DagsterEventType.ASSET_CHECK_EVALUATION), limit=1000
-        )
         check = [
-            r.event_log_entry.dagster_event.event_specific_data
-            for r in checks
-            if r.run_id == reembed.runs[0][1].run_id
-            and r.event_log_entry.dagster_event.event_specific_data.check_name
-            == "model_trained_on_current_data"
+            evaluation
+            for evaluation in reembed.runs[0][1].get_asset_check_evaluations()
+            if evaluation.check_name == "model_trained_on_current_data"
         ]
         resolver = CachingStaleStatusResolver(
             instance, dr15.resolve_asset_graph(), LoadingContextForTest(instance)
