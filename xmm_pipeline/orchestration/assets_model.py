@@ -1,6 +1,7 @@
 """Model domain: the VAE with the DeepONet decoder, trained in the `gpu` pool (CPU where none)."""
 
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ def vae_model(
 ) -> MaterializeResult:
     from xmm_pipeline.model.train import load_artifact, pick_device, train_model
     from xmm_pipeline.spectra.dataset import load_dataset
+    from xmm_pipeline.spectra.preprocess import PREPROCESS_VERSION, PreprocessConfig
 
     dataset = load_dataset(storage.training_dir)
     result = train_model(
@@ -36,7 +38,7 @@ def vae_model(
         storage.model_dir,
         model.vae_config(),
         model.train_config(compute),
-        preprocessing={"training_set": str(storage.training_dir)},
+        preprocessing=asdict(PreprocessConfig()) | {"version": PREPROCESS_VERSION},
         on_epoch_end=lambda row: context.log.debug(f"epoch {row}"),
     )
     artifact = load_artifact(result.artifact_dir)
@@ -62,11 +64,12 @@ def vae_model(
     )
 
 
-def validation_split(dataset, model: ModelSettings):
-    """(train, validation) datasets: the training's own split by source (same function and seed)."""
+def validation_split(dataset, artifact):
+    """(train, validation) datasets: the artifact's own split by source (same function, fraction, seed)."""
     from xmm_pipeline.model.train import source_ids, split_by_source
 
-    train_rows, val_rows = split_by_source(source_ids(dataset), model.val_fraction, model.seed)
+    config = artifact.train_config
+    train_rows, val_rows = split_by_source(source_ids(dataset), config.val_fraction, config.seed)
     return dataset.subset(train_rows), dataset.subset(val_rows)
 
 
@@ -76,10 +79,7 @@ def validation_summary(dataset, artifact) -> dict[str, float]:
     from xmm_pipeline.model.baselines import LogPCA
     from xmm_pipeline.model.vae import poisson_deviance_per_dof
 
-    train, validation = validation_split(
-        dataset,
-        ModelSettings(val_fraction=artifact.train_config.val_fraction, seed=artifact.train_config.seed),
-    )
+    train, validation = validation_split(dataset, artifact)
     n_fitted = artifact.config.latent_dim + 1
     pca = LogPCA.fit(train, artifact.config.latent_dim).reconstruct(
         validation, artifact.config.norm_iterations
@@ -109,10 +109,7 @@ def reconstruction_plot(dataset, artifact, path: Path) -> Path:
     """Input counts against the folded reconstruction for four validation spectra (the seed's slides)."""
     from xmm_pipeline.model.evaluate import pick_examples, plot_reconstructions
 
-    _, validation = validation_split(
-        dataset,
-        ModelSettings(val_fraction=artifact.train_config.val_fraction, seed=artifact.train_config.seed),
-    )
+    _, validation = validation_split(dataset, artifact)
     examples = pick_examples(validation, None)
     rows = [row for _, row in examples]
     subset = validation.subset(np.array(rows, dtype=np.int64))
