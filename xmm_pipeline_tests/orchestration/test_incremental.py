@@ -44,6 +44,7 @@ class Update:
     model_file_mtime: tuple[int, int]
     skip_messages: dict[str, str | None]
     schedule_reasons: dict[str, str | None]
+    catalogue_fetched: list[bool]
     reembed_succeeded: bool
     check_passed: bool | None
     stale: dict[str, StaleStatus]
@@ -92,6 +93,10 @@ def dr15_update(dr14_pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -
             model_file_mtime=(model_mtime, model_file.stat().st_mtime_ns),
             skip_messages=skips,
             schedule_reasons=reasons,
+            catalogue_fetched=[
+                result.asset_materializations_for_node("detections")[0].metadata["fetched"].value
+                for _, result in ingest.runs
+            ],
             reembed_succeeded=reembed.runs[0][1].success,
             check_passed=check[0].passed if check else None,
             stale=stale,
@@ -112,6 +117,11 @@ def test_only_new_and_reprocessed_observations_ran(dr15_update: Update):
     assert dr15_update.ingested & dr15_update.dr14_observations, "a re-processed DR14 observation ran"
     assert dr15_update.ingested - dr15_update.dr14_observations, "new DR15 observations ran"
     assert len(dr15_update.ingested) < len(dr15_update.spectra_before) / 2
+
+
+def test_each_release_catalogue_is_fetched_once(dr15_update: Update):
+    assert dr15_update.catalogue_fetched[0] is True
+    assert not any(dr15_update.catalogue_fetched[1:])
 
 
 def test_unchanged_partition_files_are_untouched(dr15_update: Update):
