@@ -22,7 +22,9 @@ SIM_SEED = 20261125
 @pytest.fixture(scope="session")
 def real_pn_dir() -> Path:
     if not REAL_PN_DIR.is_dir():
-        pytest.skip(f"real EPIC-pn files not found at {REAL_PN_DIR} (../shared/data/real_pn beside the checkout)")
+        pytest.skip(
+            f"real EPIC-pn files not found at {REAL_PN_DIR} (../shared/data/real_pn beside the checkout)"
+        )
     return REAL_PN_DIR
 
 

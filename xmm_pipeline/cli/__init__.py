@@ -15,7 +15,10 @@ from xmm_pipeline.errors import ProductError, UserError
 
 # sub-command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "simulate": ("xmm_pipeline.cli.simulate", "write a simulated XMM-Newton archive (catalogue + PPS products)"),
+    "simulate": (
+        "xmm_pipeline.cli.simulate",
+        "write a simulated XMM-Newton archive (catalogue + PPS products)",
+    ),
     "preprocess": ("xmm_pipeline.cli.preprocess", "select, bin and unfold pn spectra into Parquet"),
     "train": ("xmm_pipeline.cli.train", "train the VAE with the DeepONet decoder"),
     "embed": ("xmm_pipeline.cli.latent", "encode spectra and build the latent products"),

@@ -76,7 +76,9 @@ class SpectralDataset:
 
 
 def _stack(column: pa.ChunkedArray, n_bins: int, dtype: type) -> np.ndarray:
-    flat = pa.concat_arrays([chunk.flatten() for chunk in column.chunks]) if column.num_chunks else pa.array([])
+    flat = (
+        pa.concat_arrays([chunk.flatten() for chunk in column.chunks]) if column.num_chunks else pa.array([])
+    )
     return np.asarray(flat.to_numpy(zero_copy_only=False), dtype=dtype).reshape(-1, n_bins)
 
 
@@ -88,9 +90,13 @@ def read_responses(spectra_dir: str | Path) -> tuple[EnergyGrid, list[str], np.n
     if table.num_rows == 0:
         raise UserError(f"{path}: responses table is empty")
     grid = EnergyGrid(
-        float(table["e_min_kev"][0].as_py()), float(table["e_max_kev"][0].as_py()), int(table["n_bins"][0].as_py())
+        float(table["e_min_kev"][0].as_py()),
+        float(table["e_max_kev"][0].as_py()),
+        int(table["n_bins"][0].as_py()),
     )
-    matrices = _stack(table["matrix"], grid.n_bins * grid.n_bins, np.float32).reshape(-1, grid.n_bins, grid.n_bins)
+    matrices = _stack(table["matrix"], grid.n_bins * grid.n_bins, np.float32).reshape(
+        -1, grid.n_bins, grid.n_bins
+    )
     return grid, [str(v) for v in table["rmf_id"].to_pylist()], matrices
 
 

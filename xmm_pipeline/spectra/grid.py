@@ -15,7 +15,9 @@ class EnergyGrid:
 
     def __post_init__(self) -> None:
         if not (0 < self.e_min_kev < self.e_max_kev):
-            raise ValueError(f"energy grid needs 0 < e_min_kev < e_max_kev, got {self.e_min_kev}, {self.e_max_kev}")
+            raise ValueError(
+                f"energy grid needs 0 < e_min_kev < e_max_kev, got {self.e_min_kev}, {self.e_max_kev}"
+            )
         if self.n_bins < 2:
             raise ValueError(f"energy grid needs n_bins >= 2, got {self.n_bins}")
 
