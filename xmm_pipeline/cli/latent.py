@@ -1,7 +1,7 @@
 """`xmm-pipeline embed | similar | outliers | trajectory | show | evaluate`: the latent products.
 
 Every command reads or writes the latent folder laid out by `xmm_pipeline.latent.build`
-(default results/latent, the demo's storage root). Errors a user can fix (unknown target, missing
+(default data/latent, where `xmm-pipeline demo` writes it). Errors a user can fix (unknown target, missing
 index, malformed spectrum) end as one line and exit status 2, with nothing written.
 """
 
@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-DEFAULT_LATENT = "results/latent"
+DEFAULT_LATENT = "data/latent"
 IAU_NAME = re.compile(r"^\s*(\d?XMM)\s*J\s*(\d{6}\.\d[+-]\d{6})\s*$", re.IGNORECASE)
 
 
