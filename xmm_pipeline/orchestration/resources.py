@@ -103,6 +103,11 @@ class ArchiveResource(ConfigurableResource):
     catalogue_file: str = Field(default="", description="XSA: a local catalogue FITS file instead of TAP.")
     max_concurrency: int = Field(default=4, description="XSA: parallel downloads per process.")
     timeout_s: float = Field(default=60.0, description="XSA: timeout of one request (seconds).")
+    retries: int = Field(default=4, description="XSA: retries after a timeout, reset, 5xx or 429.")
+    backoff_s: float = Field(default=1.0, description="XSA: first retry delay (doubles per retry, jittered).")
+    xsa_release: str = Field(
+        default="", description="XSA: release label of the catalogue rows (empty: the IAU name prefix)."
+    )
     simbad_tap_url: str = Field(
         default=DEFAULT_SIMBAD_TAP_URL, description="XSA: SIMBAD TAP for source classes."
     )
@@ -122,6 +127,9 @@ class ArchiveResource(ConfigurableResource):
                 rmf_url=self.rmf_url,
                 timeout_s=self.timeout_s,
                 max_concurrency=self.max_concurrency,
+                retries=self.retries,
+                backoff_s=self.backoff_s,
+                release=self.xsa_release or None,
                 **options,
             )
         from xmm_pipeline.archive.simulated import SimulatedArchive
