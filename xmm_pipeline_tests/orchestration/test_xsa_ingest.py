@@ -2,9 +2,10 @@
 
 The `ingest` runs that the release sensor launches with `ArchiveResource(kind="xsa")` write the same
 Parquet spectra as with the simulated archive read directly, except on observations with an injected
-fault, each of which is in the quarantine table with its reason; a second run downloads nothing; once
-the faults are gone the next run completes those observations. The sensor does nothing while the
-served catalogue stays the same, and requests ingest runs when it changes from DR14 to DR15.
+fault, each of which is in the quarantine table with its reason. The second run (faults gone) asks the
+AIO server again only for what failed, leaves every complete observation's file untouched, and ends
+with every observation as the simulated ingest has it. The sensor does nothing while the served
+catalogue stays the same, and requests ingest runs when it changes from DR14 to DR15.
 """
 
 from __future__ import annotations
@@ -231,6 +232,7 @@ def test_xsa_ingest_reproduces_the_simulated_spectra_except_the_faults(ingest: I
         assert_same_spectra(ingest.first[obs_id], ingest.simulated[obs_id], obs_id)
     for obs_id, fault in ingest.faults.items():
         expected = ingest.simulated[obs_id]
+        assert not expected.empty, obs_id
         if fault in OBSERVATION_FAULTS:
             assert ingest.first[obs_id].empty, (obs_id, fault)
         else:
