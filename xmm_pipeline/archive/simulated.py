@@ -544,11 +544,16 @@ def _simulate_observation(
         background_in_source = rng.poisson(background_rate * exposure)
         background_counts = rng.poisson(background_rate * exposure * back_ratio)
         spectrum = source_counts + background_in_source
-        band_counts = np.add.reduceat(source_counts, templates.band_starts)[:5].astype(float)
-        band_background = np.add.reduceat(background_in_source, templates.band_starts)[:5].astype(float)
+        # The catalogue measures a source as a detection does: the counts in the source region (source
+        # plus background) less the background model's expectation, so the band counts, rates and
+        # hardness ratios carry the background's counting noise, as their errors say. Band rates are
+        # non-negative, as a fitted source rate is; the total counts keep their sign (unbiased).
+        band_background = np.add.reduceat(background_rate * exposure, templates.band_starts)[:5]
+        band_total = np.add.reduceat(spectrum, templates.band_starts)[:5].astype(float)
+        band_counts = band_total - band_background
         pn_8_cts = float(band_counts.sum())
         pn_8_bkg = float(band_background.sum())
-        rates = band_counts / exposure
+        rates = np.maximum(band_counts, 0.0) / exposure
         rate_errors = np.sqrt(band_counts + band_background + 1.0) / exposure
         hr, hr_err = _hardness(rates, rate_errors)
         sum_flag = int(rng.choice(5, p=SUM_FLAG_PROBABILITIES))

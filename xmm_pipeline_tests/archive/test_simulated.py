@@ -56,8 +56,9 @@ def spectra(sim_archive: Path, catalogue: pd.DataFrame, truth: pd.DataFrame) -> 
                 "detid": record.detid,
                 "net": [counts[m].sum() - scale * background[m].sum() for m in bands],
                 "variance": [counts[m].sum() + scale**2 * background[m].sum() + 1.0 for m in bands],
-                # spectrum minus catalogue = background in the source region minus its scaled estimate
-                "background_variance": [scale * (1.0 + scale) * background[m].sum() + 1.0 for m in bands],
+                # spectrum minus catalogue = the background model's expectation in the source region
+                # (what the catalogue subtracts) minus the scaled background spectrum (what we subtract)
+                "background_variance": [scale**2 * background[m].sum() + 1.0 for m in bands],
             }
         )
     return sample.merge(pd.DataFrame(rows), on="detid")
