@@ -16,7 +16,7 @@ from pathlib import Path
 from xmm_pipeline.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-GPU_POOL = "gpu"
+POOLS = ("gpu", "ingest")  # one step at a time each (see dagster.yaml)
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
 
     defs = build_definitions(storage_root)
     with DagsterInstance.get() as instance:
-        instance.event_log_storage.set_concurrency_slots(GPU_POOL, 1)
+        for pool in POOLS:
+            instance.event_log_storage.set_concurrency_slots(pool, 1)
         start = time.perf_counter()
         result = materialise_everything(defs, instance)
         seconds = time.perf_counter() - start

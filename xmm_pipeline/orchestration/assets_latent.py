@@ -58,7 +58,10 @@ def latent_embeddings(storage: StorageResource) -> MaterializeResult:
 
 @asset(group_name=GROUP, deps=[latent_embeddings], code_version=code_version("xmm_pipeline.latent.search"))
 def faiss_index(storage: StorageResource) -> MaterializeResult:
-    """FAISS index over the latent means, detection ids inside (exact when small, checked HNSW when large)."""
+    """FAISS index over the latent means, detection ids inside.
+
+    Exact when small; an IVF index whose recall@10 is checked at build time when large.
+    """
     from xmm_pipeline.latent.embed import latent_matrix
     from xmm_pipeline.latent.search import build_index, save_index
 

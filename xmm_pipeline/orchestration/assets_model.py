@@ -30,7 +30,7 @@ def vae_model(
 ) -> MaterializeResult:
     from xmm_pipeline.model.train import load_artifact, pick_device, train_model
     from xmm_pipeline.spectra.dataset import load_dataset
-    from xmm_pipeline.spectra.preprocess import PREPROCESS_VERSION, PreprocessConfig
+    from xmm_pipeline.spectra.preprocess import PreprocessConfig, preprocess_version
 
     dataset = load_dataset(storage.training_dir)
     result = train_model(
@@ -38,7 +38,7 @@ def vae_model(
         storage.model_dir,
         model.vae_config(),
         model.train_config(compute),
-        preprocessing=asdict(PreprocessConfig()) | {"version": PREPROCESS_VERSION},
+        preprocessing=asdict(PreprocessConfig()) | {"version": preprocess_version()},
         on_epoch_end=lambda row: context.log.debug(f"epoch {row}"),
     )
     artifact = load_artifact(result.artifact_dir)

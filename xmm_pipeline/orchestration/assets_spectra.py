@@ -40,6 +40,7 @@ INGEST_TAG = {"xmm/stage": "ingest"}
     partitions_def=observation_partitions,
     backfill_policy=BackfillPolicy.multi_run(max_partitions_per_run=MAX_OBSERVATIONS_PER_RUN),
     op_tags=INGEST_TAG,
+    pool="ingest",
     code_version=code_version(
         "xmm_pipeline.spectra.preprocess", "xmm_pipeline.spectra.response", "xmm_pipeline.ogip.read"
     ),

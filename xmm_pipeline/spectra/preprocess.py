@@ -24,6 +24,8 @@ in the grid cannot be scaled and goes to quarantine.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import os
 import re
@@ -55,7 +57,6 @@ from xmm_pipeline.storage import (
     write_parquet_atomic,
 )
 
-PREPROCESS_VERSION = "1"  # bump when the per-spectrum arithmetic changes: every observation is redone
 KEV_TO_ERG = 1.602176634e-9
 METADATA_KEY = b"xmm_pipeline"
 SELECTION_FILE = "selection.json"
@@ -385,6 +386,20 @@ def _stored_metadata(path: Path) -> dict | None:
     return None
 
 
+@functools.cache
+def preprocess_version() -> str:
+    """Hash of the source of the code that turns products into spectra (this module, the response
+    compression, the OGIP readers, the grid): a change to any of it redoes every observation, as the
+    Dagster code version of `pn_spectra` says it must, and nothing else does."""
+    from xmm_pipeline.ogip import read
+    from xmm_pipeline.spectra import grid, response
+
+    digest = hashlib.sha256()
+    for module_file in (__file__, read.__file__, response.__file__, grid.__file__):
+        digest.update(Path(module_file).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def _observation_hash(
     rows: list[dict], products: dict[tuple[str, int], dict[str, Path]], config: PreprocessConfig
 ) -> str:
@@ -399,7 +414,7 @@ def _observation_hash(
         [row[name] for name in _CATALOGUE_SCALARS] for row in sorted(rows, key=lambda r: int(r["detid"]))
     ]
     return sha256_json(
-        {"version": PREPROCESS_VERSION, "grid": asdict(config.grid), "rows": ordered, "files": files}
+        {"version": preprocess_version(), "grid": asdict(config.grid), "rows": ordered, "files": files}
     )
 
 
@@ -427,9 +442,10 @@ def preprocess_observation(
 
     Skipped (files untouched) when that file exists with the same input hash: the catalogue values the
     file carries (not e.g. `release` or `n_detections`, which a new release changes everywhere), the
-    product file contents, the grid and PREPROCESS_VERSION. Bad products go to the returned quarantine list; a
-    source without an SRSPEC counts as dropped (no_pn_spectrum). The file is written atomically, also
-    when no row survives, so that the outcome (quarantine, drops, in the file's metadata) is kept.
+    product file contents, the grid and preprocess_version(). Bad products go to the returned
+    quarantine list; a source without an SRSPEC counts as dropped (no_pn_spectrum). The file is written
+    atomically, also when no row survives, so that the outcome (quarantine, drops, in the file's
+    metadata) is kept.
     """
     archive_dir, out_dir = Path(archive_dir), Path(out_dir)
     obs_ids = obs_rows["obs_id"].astype(str).unique()
@@ -491,7 +507,7 @@ def preprocess_observation(
         "dropped": dropped,
         "rmf_ids": rmf_ids,
         "grid": asdict(config.grid),
-        "version": PREPROCESS_VERSION,
+        "version": preprocess_version(),
     }
     buffer = pa.BufferOutputStream()
     pq.write_table(_spectra_table(records, config.grid, metadata), buffer)
@@ -601,7 +617,7 @@ def preprocess_archive(
         stale_removed=len(stale),
         seconds=time.perf_counter() - started,
     )
-    selection = asdict(summary) | {"config": asdict(config), "version": PREPROCESS_VERSION}
+    selection = asdict(summary) | {"config": asdict(config), "version": preprocess_version()}
     write_json_atomic(out_dir / SELECTION_FILE, selection)
     return summary
 
