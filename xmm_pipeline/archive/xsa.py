@@ -70,6 +70,7 @@ IDENTIFIER_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_
 RMF_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.+-]+\.rmf$")
 PARTIAL_DIR = ".partial"
 OBSERVATION_MARKER = ".xsa_complete.json"
+CATALOGUE_STAMP = "catalogue.json"  # the release fingerprint root/catalogue.parquet was fetched for
 IN_LIST_CHUNK = 200
 PRODUCT_MODES = ("observation", "source")
 FETCH_MODES = ("async", "paged", "sync")
@@ -332,7 +333,17 @@ class XSAArchive(Archive):
         return release_from_iauname(names.iloc[0]) if len(names) else "unknown"
 
     def fetch_catalogue(self) -> pd.DataFrame:
-        """The whole detection catalogue, canonical schema, written to root/catalogue.parquet."""
+        """The whole detection catalogue, canonical schema, written to root/catalogue.parquet.
+
+        Downloaded once per release: a catalogue already written for the current fingerprint (the
+        release sensor's fetch, say) is read back instead of pulling the whole table again.
+        """
+        fingerprint = self.release_fingerprint()
+        stamp = self.root / CATALOGUE_STAMP
+        cached = self.root / CATALOGUE_FILE
+        fetched_for = json.loads(stamp.read_text()).get("fingerprint") if stamp.is_file() else None
+        if cached.is_file() and fetched_for == fingerprint:
+            return pd.read_parquet(cached)
         if self.catalogue_file is not None:
             canonical = read_catalogue_fits(self.catalogue_file, self.release)
         else:
@@ -343,7 +354,8 @@ class XSAArchive(Archive):
                 where = f"{srcnum} IS NOT NULL OR {n_obs} > 0"
             frame = self._rename(self._read_rows(schema, where, self._order_key(schema)))
             canonical = canonical_from_release(frame, self._release_label(frame))
-        write_parquet_atomic(self.root / CATALOGUE_FILE, canonical)
+        write_parquet_atomic(cached, canonical)
+        write_json_atomic(stamp, {"fingerprint": fingerprint, "rows": len(canonical)})
         return canonical
 
     def fetch_catalogue_rows(self, obs_ids: Sequence[str]) -> pd.DataFrame:
@@ -355,6 +367,7 @@ class XSAArchive(Archive):
         else:
             rows = self._rows_for_observations(wanted)
         path = self.root / CATALOGUE_FILE
+        (self.root / CATALOGUE_STAMP).unlink(missing_ok=True)  # no longer the whole release
         if path.is_file():
             previous = pd.read_parquet(path)
             previous = previous[~previous["detid"].isin(rows["detid"])]

@@ -118,6 +118,20 @@ def test_fingerprint_is_stable_and_tracks_releases(releases, tap: TapServer, tmp
     assert _archive(tmp_path, tap).release_fingerprint() == first
 
 
+def test_catalogue_is_downloaded_once_per_release(releases, tap: TapServer, tmp_path: Path) -> None:
+    first = _archive(tmp_path, tap).fetch_catalogue()
+    row_jobs = tap.count(lambda m, p: p.startswith("/tap/async"))
+    assert row_jobs > 0
+    again = _archive(tmp_path, tap).fetch_catalogue()
+    pd.testing.assert_frame_equal(again, first)
+    assert tap.count(lambda m, p: p.startswith("/tap/async")) == row_jobs
+
+    tap.catalogue = TapCatalogue(TABLE, as_4xmm_table(releases["DR15"]), "4XMM-DR14 detections")
+    dr15 = _archive(tmp_path, tap).fetch_catalogue()
+    assert tap.count(lambda m, p: p.startswith("/tap/async")) > row_jobs
+    assert len(dr15) == len(releases["DR15"]) > len(first)
+
+
 def test_fingerprint_uses_cheap_queries_only(tap: TapServer, tmp_path: Path) -> None:
     sent: list[str] = []
     archive = _archive(tmp_path, tap)
