@@ -70,6 +70,8 @@ IDENTIFIER_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_
 RMF_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.+-]+\.rmf$")
 PARTIAL_DIR = ".partial"
 OBSERVATION_MARKER = ".xsa_complete.json"
+# catalogue columns whose change in a release means the observation was re-processed
+MARKER_CATALOGUE_COLUMNS = ("obs_id", "src_num", "detid", "pn_8_cts", "pn_ontime", "sum_flag", "ep_extent")
 CATALOGUE_STAMP = "catalogue.json"  # the release fingerprint root/catalogue.parquet was fetched for
 IN_LIST_CHUNK = 200
 PRODUCT_MODES = ("observation", "source")
@@ -416,8 +418,15 @@ class XSAArchive(Archive):
     def _catalogue_index(self) -> pd.DataFrame:
         path = self.root / CATALOGUE_FILE
         if not path.is_file():
-            return pd.DataFrame(columns=["obs_id", "src_num", "detid", "pn_8_cts"])
-        return pd.read_parquet(path, columns=["obs_id", "src_num", "detid", "pn_8_cts"])
+            return pd.DataFrame(columns=list(MARKER_CATALOGUE_COLUMNS))
+        return pd.read_parquet(path, columns=list(MARKER_CATALOGUE_COLUMNS))
+
+    @staticmethod
+    def _rows_hash(obs_id: str, catalogue: pd.DataFrame) -> str:
+        """Hash of an observation's catalogue rows: when a release re-processes the observation (new
+        counts, flags, exposure), the hash changes and its products are downloaded again."""
+        rows = catalogue[catalogue["obs_id"] == obs_id].sort_values("detid")
+        return sha256_json(rows.astype(str).to_numpy().tolist())[:16]
 
     def _requests_for(self, obs_id: str, catalogue: pd.DataFrame) -> list[ProductRequest]:
         base = {"obsno": obs_id, "level": "PPS", "instname": "PN"}
@@ -466,14 +475,17 @@ class XSAArchive(Archive):
     def _marker(self, obs_id: str) -> Path:
         return self.observation_dir(obs_id) / OBSERVATION_MARKER
 
-    def _complete(self, obs_id: str) -> list[str] | None:
-        """The RESPFILEs of an observation whose recorded products are all present, else None."""
+    def _complete(self, obs_id: str, rows_hash: str) -> list[str] | None:
+        """The RESPFILEs of an observation whose recorded products are all present and were fetched
+        for the same catalogue rows, else None."""
         marker = self._marker(obs_id)
         if not marker.is_file():
             return None
         try:
             record = json.loads(marker.read_text())
         except (OSError, ValueError):
+            return None
+        if record.get("catalogue", rows_hash) != rows_hash:
             return None
         for name, size in record.get("files", {}).items():
             path = self.observation_dir(obs_id) / name
@@ -484,12 +496,15 @@ class XSAArchive(Archive):
     def _fetch_observation(
         self, obs_id: str, catalogue: pd.DataFrame, detids: dict[tuple[str, int], int]
     ) -> tuple[list[QuarantineRecord], list[str]]:
-        done = self._complete(obs_id)
+        rows_hash = self._rows_hash(obs_id, catalogue)
+        done = self._complete(obs_id, rows_hash)
         if done is not None:
             return [], done
+        reprocessed = self._marker(obs_id).is_file()  # complete once, for other catalogue rows
         records: list[QuarantineRecord] = []
         for request in self._requests_for(obs_id, catalogue):
-            if request.kind and self._present_product(obs_id, request.kind, request.src_num):
+            present = request.kind and self._present_product(obs_id, request.kind, request.src_num)
+            if present and not reprocessed:
                 continue
             try:
                 self._fetch_products(request, detids, records)
@@ -505,6 +520,7 @@ class XSAArchive(Archive):
         if not records:
             write_json_atomic(self._marker(obs_id), {
                 "files": {p.name: p.stat().st_size for p in products}, "respfiles": respfiles,
+                "catalogue": rows_hash,
             })
         return records, respfiles
 

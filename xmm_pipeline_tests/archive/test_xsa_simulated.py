@@ -99,3 +99,50 @@ def test_preprocessing_reads_a_download_like_the_simulated_archive(
         mine = pd.read_parquet(tmp_path / "spectra" / "spectra" / f"{obs_id}.parquet")
         theirs = pd.read_parquet(spectra_dir / "spectra" / f"{obs_id}.parquet")
         pd.testing.assert_frame_equal(mine, theirs)
+
+
+@pytest.mark.parametrize("product_mode", ["observation", "source"])
+def test_reprocessed_observations_are_downloaded_again(
+    sim_archive: Path, served, tmp_path: Path, product_mode: str
+) -> None:
+    """A new release that re-processes an observation (its catalogue rows change) gets its products
+    downloaded again; unchanged observations cost no request."""
+    from xmm_pipeline.archive.simulated import MIN_SPECTRUM_COUNTS, simulate_archive
+    from xmm_pipeline_tests.conftest import SIM_DETECTIONS, SIM_SEED
+
+    catalogue, tap, aio = served
+    dr15_dir = tmp_path / "dr15"
+    simulate_archive(dr15_dir, release="DR15", n_detections=SIM_DETECTIONS, seed=SIM_SEED)
+    dr15 = pd.read_parquet(dr15_dir / "catalogue.parquet")
+    truth = pd.read_parquet(dr15_dir / "truth.parquet")
+    reprocessed = sorted(set(truth.loc[truth["reprocessed"], "obs_id"]) & set(catalogue["obs_id"]))
+    with_products = [o for o in reprocessed if any((dr15_dir / o / "pps").glob("*SRSPEC*.FTZ"))]
+    assert with_products, "the simulated DR15 re-processes no DR14 observation with spectra"
+    unchanged = [o for o in _observations(catalogue, sim_archive) if o not in reprocessed][:3]
+    wanted = [*with_products[:2], *unchanged]
+
+    root = tmp_path / "download"
+    archive = XSAArchive(root, tap_url=tap.tap_url, table=TABLE, aio_url=aio.aio_url, rmf_url=aio.rmf_url,
+                         timeout_s=10, retries=1, backoff_s=0.01, release=str(catalogue["release"].iloc[0]),
+                         product_mode=product_mode, min_pn_counts=MIN_SPECTRUM_COUNTS)
+    archive.fetch_catalogue()
+    assert archive.fetch_observations(wanted) == []
+    try:
+        tap.catalogue = TapCatalogue(TABLE, as_4xmm_table(dr15), "4XMM-DR15 detections")
+        aio.archive_root = dr15_dir
+        archive.release = str(dr15["release"].iloc[0])
+        archive.fetch_catalogue()
+        before = aio.count()
+        assert archive.fetch_observations(wanted) == []
+        asked = aio.count() - before
+    finally:
+        tap.catalogue = TapCatalogue(TABLE, as_4xmm_table(catalogue), "4XMM-DR14 detections")
+        aio.archive_root = sim_archive
+    assert asked > 0
+    for obs_id in wanted:
+        served_files = {p.name: p.read_bytes() for p in (dr15_dir / obs_id / "pps").glob("P*.FTZ")
+                        if PN_SPECTRAL_PRODUCT.match(p.name)}
+        mine = {p.name: p.read_bytes() for p in archive.observation_dir(obs_id).glob("*.FTZ")}
+        assert mine == served_files, obs_id
+    assert archive.fetch_observations(wanted) == []
+    assert aio.count() - before == asked
