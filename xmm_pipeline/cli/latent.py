@@ -279,7 +279,7 @@ def _show(args: argparse.Namespace) -> int:
     one = dataset.subset(matches[:1])
     artifact = load_artifact(model_dir)
     expected = artifact.reconstruct(one)[0]
-    deviance = float(artifact.deviance_per_dof(one)[0])
+    deviance = float(artifact.deviance_per_dof(one, expected[None])[0])
     name = str(one.meta["iauname"].iloc[0]) if "iauname" in one.meta else str(args.detid)
     title = f"{name}  detid {args.detid}  obs {row['obs_id'].iloc[0]}  deviance/dof {deviance:.2f}"
     plot_reconstruction(one.grid.edges_kev, one.counts[0], one.background[0], expected, args.plot, title)

@@ -35,8 +35,10 @@ from xmm_pipeline.model.vae import (
     count_parameters,
     expected_counts,
     float32_tensor,
+    model_grid,
     poisson_deviance_per_dof,
     poisson_vae_loss,
+    vae_loss,
 )
 from xmm_pipeline.spectra.dataset import SpectralDataset
 from xmm_pipeline.spectra.grid import EnergyGrid
@@ -146,8 +148,8 @@ def state_dict_hash(state: dict[str, torch.Tensor]) -> str:
 def check_dataset(dataset: SpectralDataset, config: VAEConfig) -> None:
     if len(dataset) < 2:
         raise UserError(f"training needs at least 2 spectra, got {len(dataset)}")
-    if dataset.grid.n_bins != config.n_bins:
-        raise UserError(f"dataset has {dataset.grid.n_bins} bins but VAEConfig.n_bins is {config.n_bins}")
+    if dataset.grid != model_grid(config):
+        raise UserError(f"dataset grid {dataset.grid} differs from the model's {model_grid(config)}")
     for name in ("counts", "background", "area_exposure", "unfolded"):
         values = getattr(dataset, name)
         if not np.isfinite(values).all():
@@ -205,11 +207,12 @@ def evaluate_loss(model: VAE, data: SpectraTensors, rmf_matrices: torch.Tensor, 
     loss_sum, deviance_sum = 0.0, 0.0
     for start in range(0, len(data), chunk):
         batch = data.take(torch.arange(start, min(start + chunk, len(data)), device=data.counts.device))
-        loss, _, _ = poisson_vae_loss(model, batch, rmf_matrices, None)
-        flux = model.decode(model.encode(batch.unfolded)[0])
-        mu = expected_counts(flux, batch, rmf_matrices, model.config.norm_iterations)
+        flux, z_mean, logvar = model(batch.unfolded)
+        expected = expected_counts(flux, batch, rmf_matrices, model.config.norm_iterations)
+        loss, _, _ = vae_loss(model.config, batch.counts, expected, z_mean, logvar)
         loss_sum += loss.item() * len(batch)
-        deviance_sum += poisson_deviance_per_dof(batch.counts, mu, model.config.latent_dim + 1).sum().item()
+        deviance = poisson_deviance_per_dof(batch.counts, expected, model.config.latent_dim + 1)
+        deviance_sum += deviance.sum().item()
     model.train()
     return loss_sum / len(data), deviance_sum / len(data)
 
@@ -471,9 +474,11 @@ class ModelArtifact:
                                self.config.norm_iterations).cpu().numpy() for batch in self._chunks(dataset)]
         return np.concatenate(out).reshape(len(dataset), -1)
 
-    def deviance_per_dof(self, dataset: SpectralDataset) -> np.ndarray:
-        """Poisson deviance per degree of freedom [N] (dof = bins - latent_dim - 1 for the normalisation)."""
-        return poisson_deviance_per_dof(dataset.counts, self.reconstruct(dataset), self.config.latent_dim + 1)
+    def deviance_per_dof(self, dataset: SpectralDataset, expected: np.ndarray | None = None) -> np.ndarray:
+        """Poisson deviance per degree of freedom [N] (dof = bins - latent_dim - 1 for the normalisation);
+        pass `expected` from `reconstruct` when it is at hand, to decode only once."""
+        expected = self.reconstruct(dataset) if expected is None else expected
+        return poisson_deviance_per_dof(dataset.counts, expected, self.config.latent_dim + 1)
 
     @torch.no_grad()
     def decode_latent(self, z: np.ndarray, energy_kev: np.ndarray | None = None) -> np.ndarray:

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from xmm_pipeline.spectra.grid import EnergyGrid
+
 
 @dataclass(frozen=True)
 class VAEConfig:
@@ -61,6 +63,11 @@ class VAEConfig:
     def from_dict(cls, values: dict[str, Any]) -> VAEConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known})
+
+
+def model_grid(config: VAEConfig) -> EnergyGrid:
+    """The energy grid the decoder is evaluated on (the spectra's grid)."""
+    return EnergyGrid(config.e_min_kev, config.e_max_kev, config.n_bins)
 
 
 def mlp(n_in: int, widths: tuple[int, ...], n_out: int) -> nn.Sequential:
@@ -121,8 +128,7 @@ class VAE(nn.Module):
             self.decoder: nn.Module = MLPDecoder(config, matched_mlp_widths(config))
         else:
             self.decoder = DeepONetDecoder(config, fixed_basis=config.decoder == "pca_trunk")
-        edges = np.geomspace(config.e_min_kev, config.e_max_kev, config.n_bins + 1)
-        log_centres = np.log(np.sqrt(edges[:-1] * edges[1:]))
+        log_centres = np.log(model_grid(config).centres_kev)
         self.register_buffer("log_energy", torch.tensor(log_centres, dtype=torch.float32))
 
     def scale_input(self, unfolded: torch.Tensor) -> torch.Tensor:
@@ -170,7 +176,7 @@ class SpectraTensors:
 
     @classmethod
     def from_dataset(cls, dataset: Any, device: torch.device | str = "cpu") -> SpectraTensors:
-        widths = np.diff(dataset.grid.edges_kev).astype(np.float32)
+        widths = dataset.grid.widths_kev.astype(np.float32)
         return cls(
             unfolded=float32_tensor(dataset.unfolded, device),
             counts=float32_tensor(dataset.counts, device),
@@ -247,11 +253,20 @@ def poisson_vae_loss(model: VAE, batch: SpectraTensors, rmf_matrices: torch.Tens
     """(loss, mean weighted Poisson half-deviance per spectrum, mean KL per spectrum); noise None: z = mu."""
     flux, mu, logvar = model(batch.unfolded, noise)
     expected = expected_counts(flux, batch, rmf_matrices, model.config.norm_iterations)
-    counts = batch.counts
-    half_deviance = (expected - counts + torch.xlogy(counts, counts) - torch.xlogy(counts, expected)).sum(-1)
-    nll = (likelihood_weights(counts, model.config) * half_deviance).mean()
+    return vae_loss(model.config, batch.counts, expected, mu, logvar)
+
+
+def vae_loss(config: VAEConfig, counts: torch.Tensor, expected: torch.Tensor, mu: torch.Tensor,
+             logvar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The loss of `poisson_vae_loss` from already computed expected counts and posterior."""
+    nll = (likelihood_weights(counts, config) * half_deviance(counts, expected)).mean()
     kl = kl_divergence(mu.float(), logvar.float()).mean()
-    return nll + model.config.beta * kl, nll, kl
+    return nll + config.beta * kl, nll, kl
+
+
+def half_deviance(counts: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """sum_k (mu - n + n log(n / mu)) per spectrum: the Poisson NLL less its constant."""
+    return (expected - counts + torch.xlogy(counts, counts) - torch.xlogy(counts, expected)).sum(-1)
 
 
 def likelihood_weights(counts: torch.Tensor, config: VAEConfig) -> torch.Tensor:
@@ -263,7 +278,7 @@ def likelihood_weights(counts: torch.Tensor, config: VAEConfig) -> torch.Tensor:
 def poisson_deviance_per_dof(counts: Any, mu: Any, n_fitted: int = 0) -> Any:
     """2 sum_k (mu - n + n log(n / mu)) / (bins - n_fitted) per spectrum; numpy or torch in, same out."""
     if isinstance(counts, torch.Tensor):
-        deviance = 2.0 * (mu - counts + torch.xlogy(counts, counts) - torch.xlogy(counts, mu)).sum(-1)
+        deviance = 2.0 * half_deviance(counts, mu)
     else:
         counts, mu = np.asarray(counts, dtype=np.float64), np.asarray(mu, dtype=np.float64)
         safe_counts = np.where(counts > 0, counts, 1.0)
