@@ -143,6 +143,7 @@ def test_fingerprint_uses_cheap_queries_only(tap: TapServer, tmp_path: Path) -> 
 
     archive.query = spy  # type: ignore[method-assign]
     archive.release_fingerprint()
+    assert sent
     for adql in sent:
         assert "TAP_SCHEMA" in adql or "COUNT(*)" in adql or "MAX(" in adql or "TOP 1 " in adql, adql
 

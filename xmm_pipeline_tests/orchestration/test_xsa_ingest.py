@@ -287,7 +287,7 @@ def test_release_sensor_follows_the_served_catalogue(ingest: Ingest) -> None:
     assert result.run_requests and {r.job_name for r in result.run_requests} == {"ingest"}
     (observation,) = result.asset_events
     new_fingerprint = observation.metadata["fingerprint"].value
-    assert new_fingerprint not in ingest.skip_messages[1]
+    assert new_fingerprint[:24] not in ingest.skip_messages[1]  # the message names the old one, 24 chars
     assert {r.tags[RELEASE_TAG] for r in result.run_requests} == {new_fingerprint[:63]}
     (added,) = result.dynamic_partitions_requests
     assert set(added.partition_keys) == ingest.dr15_new_observations
