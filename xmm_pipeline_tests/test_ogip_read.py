@@ -223,3 +223,31 @@ def test_fast_rmf_path_equals_astropy(real_pn_dir: Path, real_rmfs: dict, monkey
         "energy_lo_kev",
     ):
         np.testing.assert_array_equal(getattr(fast, name), getattr(slow, name))
+
+
+
+def test_fast_reader_needs_no_astropy_fallback_on_real_files(
+    real_pn_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other real-file tests would pass through the astropy fallback too: here the fast reader
+    alone must read every real file, and give the astropy path's arrays."""
+    reference = {}
+    with monkeypatch.context() as forced:
+        forced.setattr(read_module, "_read_table_fast", read_module._read_table_astropy)
+        forced.setattr(read_module, "_rmf_tables", read_module._rmf_tables_astropy)
+        for name, (spectrum, _, arf, rmf, _) in REAL_SETS.items():
+            folder = real_pn_dir / name
+            reference[name] = (read_pha(folder / spectrum), read_arf(folder / arf), read_rmf(folder / rmf))
+
+    def forbidden(*args: object) -> None:
+        raise AssertionError(f"astropy fallback used for {args[0]}")
+
+    monkeypatch.setattr(read_module, "_read_table_astropy", forbidden)
+    monkeypatch.setattr(read_module, "_rmf_tables_astropy", forbidden)
+    for name, (spectrum, background, arf, rmf, _) in REAL_SETS.items():
+        folder = real_pn_dir / name
+        pha, arf_ref, rmf_ref = reference[name]
+        np.testing.assert_array_equal(read_pha(folder / spectrum).counts, pha.counts)
+        read_pha(folder / background)
+        np.testing.assert_array_equal(read_arf(folder / arf).area_cm2, arf_ref.area_cm2)
+        np.testing.assert_array_equal(read_rmf(folder / rmf).to_dense(), rmf_ref.to_dense())
