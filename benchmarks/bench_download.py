@@ -26,8 +26,9 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from xmm_pipeline.archive.simulated import simulate_archive
 from xmm_pipeline.archive.xsa import XSAArchive
-from xmm_pipeline_tests.archive.servers import AioServer, write_test_archive
+from xmm_pipeline_tests.archive.servers import AioServer
 
 # 4XMM-DR14 (BRIEF section 3): observations, detections with extracted EPIC spectra, >300-count sample.
 DR14_OBSERVATIONS = 13_864
@@ -36,16 +37,9 @@ DR14_SELECTED = 100_000
 
 
 def build_source(root: Path, n_observations: int) -> tuple[str, list[str]]:
-    try:
-        from xmm_pipeline.archive.simulated import simulate_archive
-    except ImportError:
-        simulate_archive = None
-    if simulate_archive is not None:
-        simulate_archive(root, release="DR14", n_detections=n_observations * 12, seed=7)
-        obs_ids = sorted(p.parent.name for p in root.glob("*/pps"))[:n_observations]
-        return "simulated archive", obs_ids
-    catalogue = write_test_archive(root, n_obs=n_observations, sources_per_obs=5, seed=7)
-    return "synthetic test archive", sorted(catalogue["obs_id"].unique())
+    simulate_archive(root, release="DR14", n_detections=n_observations * 12, seed=7)
+    obs_ids = sorted(p.parent.name for p in root.glob("*/pps"))[:n_observations]
+    return "simulated archive", obs_ids
 
 
 def main() -> None:

@@ -32,6 +32,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from xmm_pipeline.archive.simulated import simulate_archive  # noqa: E402
 from xmm_pipeline.spectra.grid import DEFAULT_GRID  # noqa: E402
 from xmm_pipeline.spectra.preprocess import (  # noqa: E402
     PreprocessConfig,
@@ -45,11 +46,7 @@ CANNED = REPO.parent / "shared" / "data" / "real_pn" / "canned" / "epn_e3_ff20_s
 
 
 def build_archive(root: Path, n_observations: int, per_observation: int, synthetic: bool) -> str:
-    try:
-        from xmm_pipeline.archive.simulated import simulate_archive
-    except ImportError:
-        simulate_archive = None
-    if simulate_archive is not None and not synthetic:
+    if not synthetic:
         simulate_archive(root, release="DR14", n_detections=n_observations * per_observation * 3, seed=7)
         return "simulated archive"
     from xmm_pipeline_tests.spectra.synthetic_ogip import RMF_FILE, write_archive

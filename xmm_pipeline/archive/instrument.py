@@ -105,7 +105,6 @@ FILTER_LAYERS: dict[str, tuple[tuple[float, float, float], ...]] = {
     "Medium": ((0.012, 2.6, 0.0),),  # +40 nm Al
     "Thick": ((0.021, 2.6, 0.0), (0.066, 2.9, 0.284), (0.13, 2.4, 0.49)),  # +70 nm Al, 330 nm PP, 45 nm Sn
 }
-FILTERS = ("Thin1", "Medium", "Thick")
 
 # Energy resolution: FWHM (keV) of the Gaussian core (brief section 5; 12 keV extrapolated).
 FWHM_TABLE_KEV: tuple[tuple[float, float], ...] = (

@@ -137,21 +137,6 @@ def bremsstrahlung(
     return np.asarray(norm) * kt**-0.5 * np.exp(-np.minimum(x, 700.0)) / energy * np.maximum(x, 1e-3) ** -0.3
 
 
-def gaussian_line(
-    energy_kev: np.ndarray,
-    line_kev: np.ndarray | float,
-    sigma_kev: np.ndarray | float,
-    norm: np.ndarray | float = 1.0,
-) -> np.ndarray:
-    """A Gaussian line with `norm` photons/cm^2/s in total (density per keV at `energy_kev`)."""
-    sigma = np.asarray(sigma_kev)
-    return (
-        np.asarray(norm)
-        * np.exp(-0.5 * ((np.asarray(energy_kev) - line_kev) / sigma) ** 2)
-        / (np.sqrt(2.0 * np.pi) * sigma)
-    )
-
-
 def line_in_bins(
     energy_lo_kev: np.ndarray, energy_hi_kev: np.ndarray, line_kev: float, sigma_kev: float
 ) -> np.ndarray:

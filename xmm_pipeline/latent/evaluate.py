@@ -26,6 +26,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from scipy.spatial import cKDTree
 
+from xmm_pipeline.archive.sources import CHANGING_LOOK_IAUNAME
 from xmm_pipeline.errors import UserError
 from xmm_pipeline.latent.crossmatch import UNKNOWN
 from xmm_pipeline.latent.embed import latent_matrix
@@ -41,7 +42,7 @@ from xmm_pipeline.storage import atomic_path, write_bytes_atomic
 
 KNN_K = 10
 HR_COLUMNS = ["ep_hr1", "ep_hr2", "ep_hr3", "ep_hr4"]
-ONE_ES_IAUNAME = "4XMM J192719.5+653354"
+ONE_ES_IAUNAME = CHANGING_LOOK_IAUNAME  # the simulated archive gives it the real source's name
 SOFT_CLASSES = ("TDE", "NS", "pulsar")
 STEADY_CLASS = "AGN"
 MOVER_CLASSES = ("TDE", "XRB")

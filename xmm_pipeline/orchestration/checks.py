@@ -145,13 +145,3 @@ def model_trained_on_current_data(storage: StorageResource) -> AssetCheckResult:
             "changed (first 20)": MetadataValue.json(changed[:20]),
         },
     )
-
-
-CHECKS = [
-    detections_schema,
-    selection_rule_holds,
-    spectra_have_no_nan,
-    quarantine_share_below_threshold,
-    vae_model_beats_pca,
-    model_trained_on_current_data,
-]

@@ -23,6 +23,7 @@ from xmm_pipeline.orchestration.automation import (
     all_job,
     catalogue_release_sensor,
     partition_range_tags,
+    plan_release,
 )
 from xmm_pipeline.orchestration.partitions import OBSERVATION_PARTITIONS_NAME, add_observation_partitions
 from xmm_pipeline.orchestration.resources import ArchiveResource, StorageResource
@@ -74,8 +75,6 @@ def materialise_everything(defs: Definitions, instance: DagsterInstance) -> Exec
             catalogue_release.key, metadata={"fingerprint": fingerprint}, tags={DATA_VERSION_TAG: fingerprint}
         )
     )
-    from xmm_pipeline.orchestration.automation import plan_release
-
     new, _ = plan_release(instance, storage, source.fetch_catalogue())
     add_observation_partitions(instance, new)
     keys = instance.get_dynamic_partitions(OBSERVATION_PARTITIONS_NAME)

@@ -145,12 +145,6 @@ class ComputeResource(ConfigurableResource):
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N or mps")
     torch_threads: int = Field(default=0, description="CPU threads for torch; 0 leaves torch's default.")
 
-    def configure_torch(self) -> None:
-        if self.torch_threads > 0:
-            import torch
-
-            torch.set_num_threads(self.torch_threads)
-
 
 class ModelSettings(ConfigurableResource):
     """Model and training hyper-parameters (defaults: the model package's own defaults).
