@@ -16,7 +16,7 @@ from dagster import (
 
 from xmm_pipeline.orchestration.assets_archive import selected_detections
 from xmm_pipeline.orchestration.metadata import counts_markdown, path_value
-from xmm_pipeline.orchestration.partitions import NOT_HASHED, observation_partitions
+from xmm_pipeline.orchestration.partitions import observation_partitions
 from xmm_pipeline.orchestration.resources import ArchiveResource, ModelSettings, StorageResource
 from xmm_pipeline.orchestration.versions import code_version
 from xmm_pipeline.storage import (
@@ -64,7 +64,7 @@ def pn_spectra(
 
     obs_ids = sorted(context.partition_keys)
     selected = pd.read_parquet(storage.selected_path)
-    selected = selected[selected["obs_id"].isin(obs_ids)].drop(columns=NOT_HASHED)
+    selected = selected[selected["obs_id"].isin(obs_ids)]
     source = archive.get_archive()
     quarantined = source.fetch_observations(obs_ids)
     config = PreprocessConfig()

@@ -52,7 +52,6 @@ from xmm_pipeline.storage import (
     quarantine_frame,
     sha256_file,
     sha256_json,
-    write_bytes_atomic,
     write_json_atomic,
     write_parquet_atomic,
 )
@@ -509,9 +508,7 @@ def preprocess_observation(
         "grid": asdict(config.grid),
         "version": preprocess_version(),
     }
-    buffer = pa.BufferOutputStream()
-    pq.write_table(_spectra_table(records, config.grid, metadata), buffer)
-    write_bytes_atomic(path, buffer.getvalue().to_pybytes())
+    write_parquet_atomic(path, _spectra_table(records, config.grid, metadata))
     return ObservationResult(obs_id, path, len(records), False, quarantine, dropped, rmf_ids)
 
 

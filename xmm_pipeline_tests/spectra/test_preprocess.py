@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from astropy.io import fits
@@ -201,12 +202,13 @@ def test_missing_spectrum_is_a_counted_drop(archive: Path, tmp_path: Path) -> No
 
 
 def test_a_crashed_write_leaves_no_partial_file(archive: Path, tmp_path: Path, monkeypatch) -> None:
-    def crash_half_way(path, data: bytes) -> None:
+    def crash_half_way(path, table: pa.Table) -> None:
         with storage.atomic_path(path) as tmp:
-            tmp.write_bytes(data[: len(data) // 2])
+            pq.write_table(table, tmp)
+            tmp.write_bytes(tmp.read_bytes()[: tmp.stat().st_size // 2])
             raise RuntimeError("disk full")
 
-    monkeypatch.setattr(preprocess_module, "write_bytes_atomic", crash_half_way)
+    monkeypatch.setattr(preprocess_module, "write_parquet_atomic", crash_half_way)
     out = tmp_path / "spectra"
     rows = select_detections(pd.read_parquet(archive / "catalogue.parquet"), PreprocessConfig())[0]
     rows = rows[rows.obs_id == OBS_A]
