@@ -12,19 +12,11 @@ from xmm_pipeline.orchestration.versions import code_version
 from xmm_pipeline.storage import sha256_json, write_parquet_atomic
 
 GROUP = "latent"
-EMBEDDINGS_FILE = "embeddings.parquet"
-N_TOP_MOVERS = 6
 PRODUCTS = "xmm_pipeline.latent.products"
 
 
-def embeddings_path(storage: StorageResource):
-    return storage.latent_dir / EMBEDDINGS_FILE
-
-
 def read_current_embeddings(storage: StorageResource) -> pd.DataFrame:
-    from xmm_pipeline.latent.embed import read_embeddings
-
-    return read_embeddings(embeddings_path(storage))
+    return storage.latent_layout.read_embeddings()
 
 
 @asset(
@@ -40,7 +32,7 @@ def latent_embeddings(storage: StorageResource) -> MaterializeResult:
 
     artifact = load_artifact(storage.model_dir)
     dataset = load_dataset(storage.spectra_dir)
-    path = embeddings_path(storage)
+    path = storage.latent_layout.embeddings
     previous = set(pd.read_parquet(path, columns=["detid"])["detid"]) if path.exists() else set()
     frame = embed_dataset(artifact, dataset)
     write_embeddings(frame, path)
@@ -69,7 +61,7 @@ def faiss_index(storage: StorageResource) -> MaterializeResult:
     index = build_index(
         latent_matrix(frame), frame["detid"].to_numpy(), model_version=str(frame["model_version"].iloc[0])
     )
-    path = save_index(index, storage.latent_dir / "index")
+    path = save_index(index, storage.latent_layout.index_dir)
     return MaterializeResult(
         metadata={
             "path": path_value(path),
@@ -87,8 +79,8 @@ def outlier_scores(storage: StorageResource) -> MaterializeResult:
     from xmm_pipeline.latent.products import outlier_scores as score
     from xmm_pipeline.latent.search import load_index
 
-    frame = score(read_current_embeddings(storage), latent_index=load_index(storage.latent_dir / "index"))
-    path = storage.latent_dir / "outliers.parquet"
+    frame = score(read_current_embeddings(storage), latent_index=load_index(storage.latent_layout.index_dir))
+    path = storage.latent_layout.outliers
     write_parquet_atomic(path, frame)
     return MaterializeResult(
         metadata={"path": path_value(path), "dagster/row_count": len(frame), "top 20": table_markdown(frame)}
@@ -98,12 +90,13 @@ def outlier_scores(storage: StorageResource) -> MaterializeResult:
 @asset(group_name=GROUP, deps=[latent_embeddings], code_version=code_version(PRODUCTS))
 def latent_trajectories(storage: StorageResource) -> MaterializeResult:
     """Per source with several detections: its path through latent space, path length, largest jump."""
+    from xmm_pipeline.latent.build import N_TOP_MOVERS
     from xmm_pipeline.latent.products import latent_trajectories as trajectories
     from xmm_pipeline.latent.products import plot_trajectories
 
     embeddings = read_current_embeddings(storage)
     frame = trajectories(embeddings)
-    path = storage.latent_dir / "trajectories.parquet"
+    path = storage.latent_layout.trajectories
     write_parquet_atomic(path, frame)
     metadata = {
         "path": path_value(path),
@@ -112,7 +105,7 @@ def latent_trajectories(storage: StorageResource) -> MaterializeResult:
     }
     if len(frame):
         figure = plot_trajectories(
-            embeddings, frame["srcid"].head(N_TOP_MOVERS).tolist(), storage.latent_dir / "trajectories.png"
+            embeddings, frame["srcid"].head(N_TOP_MOVERS).tolist(), storage.latent_layout.trajectories_plot
         )
         metadata["top movers map"] = png_markdown(figure, "trajectories")
     return MaterializeResult(metadata=metadata)
@@ -127,7 +120,7 @@ def latent_trajectories(storage: StorageResource) -> MaterializeResult:
 def source_classes(storage: StorageResource, archive: ArchiveResource) -> MaterializeResult:
     from xmm_pipeline.latent.crossmatch import classes_for_archive
 
-    embedded = pd.read_parquet(embeddings_path(storage), columns=["detid"])
+    embedded = pd.read_parquet(storage.latent_layout.embeddings, columns=["detid"])
     selected = pd.read_parquet(storage.selected_path, columns=["detid", "srcid", "ra", "dec"])
     detections = selected[selected["detid"].isin(embedded["detid"])].reset_index(drop=True)
     frame = classes_for_archive(
@@ -136,7 +129,7 @@ def source_classes(storage: StorageResource, archive: ArchiveResource) -> Materi
         tap_url=archive.simbad_tap_url,
         radius_arcsec=archive.crossmatch_radius_arcsec,
     )
-    path = storage.latent_dir / "classes.parquet"
+    path = storage.latent_layout.classes
     write_parquet_atomic(path, frame)
     counts = frame["class"].value_counts().rename_axis("class").reset_index(name="detections")
     return MaterializeResult(
@@ -149,7 +142,7 @@ def source_classes(storage: StorageResource, archive: ArchiveResource) -> Materi
 
 
 def read_classes(storage: StorageResource) -> pd.DataFrame:
-    return pd.read_parquet(storage.latent_dir / "classes.parquet")
+    return pd.read_parquet(storage.latent_layout.classes)
 
 
 @asset(group_name=GROUP, deps=[latent_embeddings, source_classes], code_version=code_version(PRODUCTS))
@@ -158,11 +151,11 @@ def latent_clusters(storage: StorageResource) -> MaterializeResult:
     from xmm_pipeline.latent.products import fit_clusters
 
     result = fit_clusters(read_current_embeddings(storage), read_classes(storage))
-    write_parquet_atomic(storage.latent_dir / "clusters.parquet", result.assignments)
-    write_parquet_atomic(storage.latent_dir / "cluster_summary.parquet", result.summary)
+    write_parquet_atomic(storage.latent_layout.clusters, result.assignments)
+    write_parquet_atomic(storage.latent_layout.cluster_summary, result.summary)
     return MaterializeResult(
         metadata={
-            "path": path_value(storage.latent_dir / "clusters.parquet"),
+            "path": path_value(storage.latent_layout.clusters),
             "clusters": len(result.summary),
             "summary": table_markdown(result.summary),
         }
@@ -177,9 +170,9 @@ def latent_map(storage: StorageResource) -> MaterializeResult:
 
     embeddings = read_current_embeddings(storage)
     projection = MapProjection.fit(latent_matrix(embeddings))
-    density = plot_latent_density(embeddings, storage.latent_dir / "map_density.png", projection)
+    density = plot_latent_density(embeddings, storage.latent_layout.density_map, projection)
     classes = plot_latent_classes(
-        embeddings, read_classes(storage), storage.latent_dir / "map_classes.png", projection
+        embeddings, read_classes(storage), storage.latent_layout.class_map, projection
     )
     return MaterializeResult(
         metadata={

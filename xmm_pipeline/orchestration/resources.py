@@ -80,6 +80,13 @@ class StorageResource(ConfigurableResource):
         return self.root_path / "latent"
 
     @property
+    def latent_layout(self):  # -> LatentLayout, imported here: it pulls in faiss, not wanted at load time
+        """The latent folder's files, named once in `xmm_pipeline.latent.build.LatentLayout`."""
+        from xmm_pipeline.latent.build import LatentLayout
+
+        return LatentLayout(self.latent_dir)
+
+    @property
     def reports_dir(self) -> Path:
         return self.root_path / "reports"
 
