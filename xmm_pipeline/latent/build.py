@@ -36,6 +36,7 @@ from xmm_pipeline.latent.products import (
     plot_trajectories,
 )
 from xmm_pipeline.latent.search import LatentIndex, build_index, load_index, save_index
+from xmm_pipeline.spectra.dataset import RESPONSES_FILE, spectra_files
 from xmm_pipeline.storage import sha256_file, sha256_json, write_json_atomic, write_parquet_atomic
 
 N_TOP_MOVERS = 6
@@ -143,7 +144,7 @@ def inputs_fingerprint(
     spectra_dir: Path, model_version: str, archive_dir: Path | None, tap_url: str | None, radius_arcsec: float
 ) -> str:
     """Content hash of everything an embed run reads: spectra files, model version, class source."""
-    spectra = [*sorted((spectra_dir / "spectra").glob("*.parquet")), spectra_dir / "responses.parquet"]
+    spectra = [*spectra_files(spectra_dir), Path(spectra_dir) / RESPONSES_FILE]
     truth = archive_dir / TRUTH_FILE if archive_dir is not None else None
     return sha256_json({
         "spectra": {p.name: sha256_file(p) for p in spectra if p.is_file()},

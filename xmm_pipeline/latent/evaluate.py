@@ -31,16 +31,17 @@ from xmm_pipeline.errors import UserError
 from xmm_pipeline.latent.crossmatch import UNKNOWN
 from xmm_pipeline.latent.embed import latent_matrix
 from xmm_pipeline.latent.products import (
+    KNN_K,
     MapProjection,
     latent_trajectories,
     outlier_scores,
     plot_latent_classes,
     plot_latent_density,
     plot_trajectories,
+    save_png,
 )
-from xmm_pipeline.storage import atomic_path, write_bytes_atomic
+from xmm_pipeline.storage import write_bytes_atomic
 
-KNN_K = 10
 HR_COLUMNS = ["ep_hr1", "ep_hr2", "ep_hr3", "ep_hr4"]
 ONE_ES_IAUNAME = CHANGING_LOOK_IAUNAME  # the simulated archive gives it the real source's name
 SOFT_CLASSES = ("TDE", "NS", "pulsar")
@@ -256,8 +257,7 @@ def _confusion_figure(metrics: LatentMetrics, path: Path) -> Path:
     axes.set_ylabel("k-NN recall (grouped CV)")
     axes.set_ylim(0, 1)
     axes.legend(frameon=False, fontsize=8)
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    save_png(figure, path)
     return path
 
 

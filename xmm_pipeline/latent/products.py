@@ -240,7 +240,8 @@ def _extent(points: np.ndarray) -> tuple[float, float, float, float]:
     return float(low[0] - pad[0]), float(high[0] + pad[0]), float(low[1] - pad[1]), float(high[1] + pad[1])
 
 
-def _save(figure: Figure, path: str | Path) -> Path:
+def save_png(figure: Figure, path: str | Path) -> Path:
+    """Write a figure as PNG atomically (every latent figure goes through here)."""
     path = Path(path)
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
@@ -271,7 +272,7 @@ def plot_latent_density(
     axes, image = _density_axes(figure, projection(vectors), projection.axis_labels)
     figure.colorbar(image, ax=axes, label="detections per cell")
     axes.set_title(f"Latent density ({len(vectors)} detections)")
-    return _save(figure, path)
+    return save_png(figure, path)
 
 
 def plot_latent_classes(
@@ -299,7 +300,7 @@ def plot_latent_classes(
     axes.set_ylabel(projection.axis_labels[1])
     axes.legend(loc="best", fontsize=7, markerscale=2, frameon=False)
     axes.set_title("Latent map by class")
-    return _save(figure, path)
+    return save_png(figure, path)
 
 
 def plot_trajectories(
@@ -327,7 +328,7 @@ def plot_trajectories(
                           arrowprops={"arrowstyle": "->", "color": colour, "lw": 1.5})
     axes.legend(loc="best", fontsize=6, frameon=False)
     axes.set_title("Latent trajectories (time order, arrow = latest step)")
-    return _save(figure, path)
+    return save_png(figure, path)
 
 
 def plot_reconstruction(
@@ -360,4 +361,4 @@ def plot_reconstruction(
     bottom.axhline(0, color="C3", lw=0.8)
     bottom.set_xlabel("energy (keV)")
     bottom.set_ylabel("(n - mu)/sqrt(mu)")
-    return _save(figure, path)
+    return save_png(figure, path)
