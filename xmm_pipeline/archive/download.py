@@ -160,11 +160,15 @@ def download_to_file(
     raise DownloadError(url, f"{reason} after {policy.retries + 1} attempts")
 
 
-def read_verified_fits(path: Path, required_hdus: tuple[str, ...], any_of: bool = False) -> fits.Header:
-    """Check a (possibly gzipped) FITS file end to end; return the header of its first required HDU.
+def read_verified_fits(
+    path: Path, required_hdus: tuple[str, ...], one_of_hdus: tuple[str, ...] = ()
+) -> fits.Header:
+    """Check a (possibly gzipped) FITS file end to end, in one read: every HDU of `required_hdus`
+    and, when given, at least one of `one_of_hdus` must be there and readable. Returns the header of
+    the first `one_of_hdus` present, else of the first required HDU.
 
     Decompresses fully (a truncated gzip fails its CRC), opens the FITS, reads the data of the
-    required HDUs. Raises ProductError naming the file and the problem.
+    HDUs checked. Raises ProductError naming the file and the problem.
     """
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":
@@ -177,13 +181,16 @@ def read_verified_fits(path: Path, required_hdus: tuple[str, ...], any_of: bool 
             warnings.simplefilter("ignore", VerifyWarning)
             with fits.open(io.BytesIO(raw), lazy_load_hdus=False) as hdus:
                 names = [h.name.upper() for h in hdus]
-                wanted = [n for n in required_hdus if n in names]
-                if not wanted or (not any_of and len(wanted) != len(required_hdus)):
-                    have = ", ".join(names)
-                    raise ProductError(path, f"missing HDU {' or '.join(required_hdus)} (has {have})")
-                for name in wanted:
+                have = ", ".join(names)
+                missing = [n for n in required_hdus if n not in names]
+                if missing:
+                    raise ProductError(path, f"missing HDU {' and '.join(missing)} (has {have})")
+                alternatives = [n for n in one_of_hdus if n in names]
+                if one_of_hdus and not alternatives:
+                    raise ProductError(path, f"missing HDU {' or '.join(one_of_hdus)} (has {have})")
+                for name in (*required_hdus, *alternatives):
                     _ = hdus[name].data
-                return hdus[wanted[0]].header.copy()
+                return hdus[(alternatives or list(required_hdus))[0]].header.copy()
     except ProductError:
         raise
     except Exception as error:
@@ -195,8 +202,7 @@ def verify_pn_product(path: Path, kind: str) -> fits.Header:
 
 
 def verify_rmf(path: Path) -> fits.Header:
-    read_verified_fits(path, ("EBOUNDS",))
-    return read_verified_fits(path, RMF_MATRIX_HDUS, any_of=True)
+    return read_verified_fits(path, ("EBOUNDS",), RMF_MATRIX_HDUS)
 
 
 def _unsafe_reason(member: tarfile.TarInfo) -> str | None:
