@@ -34,11 +34,6 @@ from astropy.io.fits.verify import VerifyWarning
 from xmm_pipeline.errors import ProductError
 from xmm_pipeline.storage import atomic_path
 
-# P<obs_id>PN<S|U|X><exp 3><type 6><field char><src hex 3>.FTZ, e.g. P0123456789PNS003SRSPEC0017.FTZ
-PN_SPECTRAL_PRODUCT = re.compile(
-    r"^P(?P<obs_id>\d{10})PN(?P<expflag>[SUX])(?P<expno>\d{3})(?P<kind>SRSPEC|BGSPEC|SRCARF)"
-    r"(?P<field>[0-9A-Z])(?P<src_hex>[0-9A-F]{3})\.FTZ$"
-)
 # The HDU each product must hold to be usable.
 REQUIRED_HDUS = {"SRSPEC": ("SPECTRUM",), "BGSPEC": ("SPECTRUM",), "SRCARF": ("SPECRESP",)}
 RMF_MATRIX_HDUS = ("MATRIX", "SPECRESP MATRIX")

@@ -8,7 +8,6 @@ spectrum's RESPFILE (`epn_e3_ff20_sdY9.rmf`) and served as `<stem>_v21.0.rmf` (v
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from xmm_pipeline.archive.base import RESPONSES_SUBDIR
@@ -16,23 +15,11 @@ from xmm_pipeline.archive.base import RESPONSES_SUBDIR
 SPECTRAL_PRODUCTS = ("SRSPEC", "BGSPEC", "SRCARF")
 DEFAULT_EXPOSURE = "S003"
 CANNED_RMF_VERSIONS = ("v21.0", "v20.0", "v19.0", "v18.0")
-PRODUCT_NAME = re.compile(
-    r"^P(?P<obs_id>\d{10})(?P<instrument>PN|M1|M2)(?P<exposure>[SUX]\d{3})(?P<kind>[A-Z0-9]{6})"
-    r"(?P<field>[0-9A-Z])(?P<src_hex>[0-9A-F]{3})\.(?P<ext>FTZ|FIT|FITS)$"
+# the pn spectral products among them, e.g. P0123456789PNS003SRSPEC0017.FTZ
+PN_SPECTRAL_PRODUCT = re.compile(
+    r"^P(?P<obs_id>\d{10})PN(?P<expflag>[SUX])(?P<expno>\d{3})(?P<kind>SRSPEC|BGSPEC|SRCARF)"
+    r"(?P<field>[0-9A-Z])(?P<src_hex>[0-9A-F]{3})\.FTZ$"
 )
-
-
-@dataclass(frozen=True)
-class ProductName:
-    obs_id: str
-    kind: str
-    src_num: int
-    instrument: str = "PN"
-    exposure: str = DEFAULT_EXPOSURE
-
-    @property
-    def file_name(self) -> str:
-        return product_file_name(self.obs_id, self.kind, self.src_num, self.instrument, self.exposure)
 
 
 def product_file_name(
@@ -44,15 +31,6 @@ def product_file_name(
     if not 0 < src_num < 0x1000:
         raise ValueError(f"source number must be within 1..4095, got {src_num}")
     return f"P{obs_id}{instrument}{exposure}{kind}0{src_num:03X}.FTZ"
-
-
-def parse_product_name(name: str) -> ProductName:
-    match = PRODUCT_NAME.match(Path(name).name)
-    if match is None:
-        raise ValueError(f"not a pipeline product file name: {name!r}")
-    return ProductName(
-        match["obs_id"], match["kind"], int(match["src_hex"], 16), match["instrument"], match["exposure"]
-    )
 
 
 def observation_dir(root: str | Path, obs_id: str) -> Path:
@@ -77,16 +55,3 @@ def canned_rmf_file_name(respfile: str, version: str = CANNED_RMF_VERSIONS[0]) -
 
 def responses_dir(root: str | Path) -> Path:
     return Path(root) / RESPONSES_SUBDIR
-
-
-def find_canned_rmf(responses: str | Path, respfile: str) -> Path | None:
-    """The canned RMF named by RESPFILE under `responses`: the exact name, else any served version."""
-    responses = Path(responses)
-    exact = responses / Path(respfile.strip()).name
-    if exact.is_file():
-        return exact
-    for version in CANNED_RMF_VERSIONS:
-        candidate = responses / canned_rmf_file_name(respfile, version)
-        if candidate.is_file():
-            return candidate
-    return None

@@ -46,7 +46,6 @@ from xmm_pipeline.archive.catalogue import (
     release_from_iauname,
 )
 from xmm_pipeline.archive.download import (
-    PN_SPECTRAL_PRODUCT,
     DownloadError,
     RetryPolicy,
     TransferStats,
@@ -55,6 +54,7 @@ from xmm_pipeline.archive.download import (
     verify_pn_product,
     verify_rmf,
 )
+from xmm_pipeline.archive.products import PN_SPECTRAL_PRODUCT
 from xmm_pipeline.errors import ProductError, UserError
 from xmm_pipeline.storage import QuarantineRecord, sha256_json, write_json_atomic, write_parquet_atomic
 

@@ -37,7 +37,7 @@ from astropy.io.votable import from_table
 from astropy.io.votable.tree import Info
 from astropy.table import MaskedColumn, Table
 
-from xmm_pipeline.archive.download import PN_SPECTRAL_PRODUCT
+from xmm_pipeline.archive.products import PN_SPECTRAL_PRODUCT
 
 # --- a small ADQL engine over pandas -------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from astropy.table import Table
 
 from xmm_pipeline.archive import instrument, simulated
 from xmm_pipeline.archive.catalogue import CANONICAL_COLUMNS, FOURXMM_COLUMNS, canonical_from_4xmm
-from xmm_pipeline.archive.products import find_canned_rmf, responses_dir, spectral_product_paths
+from xmm_pipeline.archive.products import responses_dir, spectral_product_paths
 from xmm_pipeline.archive.simulated import (
     BANDS_KEV,
     SimulatedArchive,
@@ -24,6 +24,7 @@ from xmm_pipeline.archive.simulated import (
 )
 from xmm_pipeline.cli import main
 from xmm_pipeline.errors import UserError
+from xmm_pipeline.spectra.preprocess import find_rmf
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +120,7 @@ def test_products_read_back_as_pipeline_ogip_files(
             assert header["EXPOSURE"] == pytest.approx(record.pn_ontime * livetime, rel=1e-5)
             assert header["BACKFILE"] == paths["BGSPEC"].name and header["ANCRFILE"] == paths["SRCARF"].name
             assert header["RESPFILE"].startswith("epn_e3_") and header["RESPFILE"].endswith(".rmf")
-            rmf = find_canned_rmf(responses_dir(sim_archive), header["RESPFILE"])
+            rmf = find_rmf(header["RESPFILE"], paths["SRSPEC"].parent, responses_dir(sim_archive))
             assert rmf is not None and rmf.name == header["RESPFILE"][:-4] + "_v21.0.rmf"
             source_backscal = header["BACKSCAL"]
         with fits.open(paths["BGSPEC"]) as hdus:
@@ -280,7 +281,8 @@ def test_simulate_observation_writes_one_detection(tmp_path: Path) -> None:
         assert all(p.is_file() for p in spectral_product_paths(tmp_path, obs_id, 5).values())
         with fits.open(path) as hdus:
             assert hdus["SPECTRUM"].header["FILTER"] == pn_filter
-            assert find_canned_rmf(responses_dir(tmp_path), hdus["SPECTRUM"].header["RESPFILE"]) is not None
+            respfile = hdus["SPECTRUM"].header["RESPFILE"]
+            assert find_rmf(respfile, path.parent, responses_dir(tmp_path)) is not None
             totals.append(hdus["SPECTRUM"].data["COUNTS"].sum())
     assert 2.0 < totals[1] / totals[0] < 4.0  # 4x the exposure, less soft area with the Thick filter
     with pytest.raises(UserError, match="filter"):

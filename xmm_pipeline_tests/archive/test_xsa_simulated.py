@@ -9,7 +9,7 @@ import pytest
 from astropy.io import fits
 
 from xmm_pipeline.archive.catalogue import as_canonical
-from xmm_pipeline.archive.download import PN_SPECTRAL_PRODUCT
+from xmm_pipeline.archive.products import PN_SPECTRAL_PRODUCT
 from xmm_pipeline.archive.xsa import XSAArchive
 from xmm_pipeline_tests.archive.servers import AioServer, TapCatalogue, TapServer, as_4xmm_table
 
