@@ -31,8 +31,6 @@ from xmm_pipeline.orchestration.resources import (
 )
 
 DEFAULT_STORAGE_ROOT = Path("data")
-DEFAULT_N_DETECTIONS = 2000
-DEFAULT_SEED = 0
 
 ASSET_MODULES = [assets_archive, assets_spectra, assets_model, assets_latent]
 
@@ -52,10 +50,7 @@ def build_definitions(
         sensors=automation.SENSORS,
         resources={
             "storage": storage,
-            "archive": archive
-            or ArchiveResource(
-                root=str(Path(storage_root) / "archive"), n_detections=DEFAULT_N_DETECTIONS, seed=DEFAULT_SEED
-            ),
+            "archive": archive or ArchiveResource(root=str(Path(storage_root) / "archive")),
             "model": model or ModelSettings(),
             "compute": compute or ComputeResource(),
         },
