@@ -272,9 +272,12 @@ def bin_spectrum(
     good = source.quality == 0
     bins = response.channel_bin[index]
     use = good & (bins >= 0)
-    scale = (source.exposure_s * np.asarray(source.backscal) * np.asarray(source.areascal)) / (
-        background.exposure_s * np.asarray(background.backscal) * np.asarray(background.areascal)
-    )
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = (source.exposure_s * np.asarray(source.backscal) * np.asarray(source.areascal)) / (
+            background.exposure_s * np.asarray(background.backscal) * np.asarray(background.areascal)
+        )
+    if not np.isfinite(np.broadcast_to(scale, source.counts.shape)[use]).all():
+        raise ProductError(background.path, "zero BACKSCAL or AREASCAL in channels in use: no scale")
     counts = np.bincount(bins[use], weights=np.round(source.counts[use]), minlength=grid.n_bins)
     background_counts = np.bincount(
         bins[use],

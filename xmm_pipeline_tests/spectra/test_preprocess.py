@@ -260,6 +260,21 @@ def test_real_spectra_by_header_links_or_explicit_files(real_pn_dir: Path) -> No
     assert -13 < float(explicit.meta.loc[0, "log10_flux"]) < -10
 
 
+
+def test_zero_background_backscal_column_is_refused(real_pn_dir: Path, tmp_path: Path) -> None:
+    """A per-channel BACKSCAL of 0 in the background would scale it by infinity: refused, naming it."""
+    igr = real_pn_dir / "igr_j18490"
+    with fits.open(igr / "PN_PWN_bkg.fits") as hdus:
+        spectrum = hdus["SPECTRUM"]
+        zeros = fits.Column("BACKSCAL", "E", array=np.zeros(len(spectrum.data)))
+        columns = fits.ColDefs([*spectrum.columns, zeros])
+        table = fits.BinTableHDU.from_columns(columns, header=spectrum.header)
+        del table.header["BACKSCAL"]
+        broken = tmp_path / "bkg_zero_backscal.fits"
+        fits.HDUList([fits.PrimaryHDU(), table]).writeto(broken)
+    with pytest.raises(ProductError, match=r"bkg_zero_backscal\.fits.*BACKSCAL"):
+        spectrum_to_dataset(igr / "PN_PWN.fits", broken, igr / "PN_PWN.arf", igr / "PN_PWN.rmf")
+
 def test_cli_prints_selection_and_quarantine(archive: Path, tmp_path: Path, capsys) -> None:
     (archive / OBS_B / "pps" / product_name(OBS_B, "SRCARF", 6)).unlink()
     assert (
