@@ -6,12 +6,17 @@ import numpy as np
 import pytest
 
 from xmm_pipeline.latent.evaluate import (
+    CV_REPEATS,
     ONE_ES_IAUNAME,
+    ClassificationScores,
+    comparison_verdict,
     evaluate_latent_space,
+    hardness_baseline,
     knn_classification,
     latent_metrics,
     latent_report_sections,
     outlier_recall,
+    paired_margin,
     precision_at_k,
     soft_state_neighbours,
 )
@@ -31,6 +36,57 @@ def test_knn_is_cross_validated_by_source() -> None:
     assert leaky.accuracy > 0.95
     assert grouped.accuracy < 0.6
     assert set(grouped.recall_by_class) == {"a", "b", "c"} and grouped.n_samples == 300
+
+
+def _clustered(rng: np.random.Generator, n_sources: int = 90) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Three overlapping classes in two dimensions, three detections per source."""
+    labels = np.repeat(np.array(["a", "b", "c"] * (n_sources // 3)), 3)
+    centres = {"a": (0.0, 0.0), "b": (1.0, 0.0), "c": (0.0, 1.0)}  # overlapping: scaling matters
+    points = np.array([centres[c] for c in labels]) + rng.normal(0, 0.3, (len(labels), 2))
+    return points, labels, np.repeat(np.arange(n_sources), 3)
+
+
+def test_latent_means_are_scored_as_they_are_so_a_collapsed_dimension_does_not_count() -> None:
+    embeddings, classes = synthetic_embeddings(n_sources=200, detections_per_source=3, n_odd=0, dim=7)
+    rng = np.random.default_rng(1)
+    embeddings[["z0", "z1"]] += rng.normal(0, 0.8, (len(embeddings), 2))  # classes that overlap a little
+    # five inactive (posterior-collapsed) dimensions, as an 8-D VAE of our spectra has: means ~ 0
+    collapsed = [f"z{i}" for i in range(2, 7)]
+    embeddings[collapsed] = rng.normal(0, 0.02, (len(embeddings), len(collapsed)))
+    metrics = latent_metrics(embeddings, classes)
+    assert metrics.latent_dim == 7 and metrics.knn_latent.scaling == "as is"
+    assert metrics.knn_latent.balanced_accuracy > 0.97
+    assert len(metrics.knn_latent.per_repeat_balanced_accuracy) == CV_REPEATS
+    # standardised, each noise dimension weighs as much as an informative one
+    table = embeddings.merge(classes[["detid", "class"]], on="detid")
+    standardised = knn_classification(table[["z0", "z1", *collapsed]].to_numpy(), table["class"].to_numpy(),
+                                      table["srcid"].to_numpy())
+    assert standardised.balanced_accuracy < metrics.knn_latent.balanced_accuracy - 0.05
+
+
+def test_hardness_baseline_is_the_better_of_standardised_and_as_is() -> None:
+    rng = np.random.default_rng(2)
+    points, labels, groups = _clustered(rng)
+    small_signal = np.hstack([points * 0.01, rng.normal(0, 1.0, (len(points), 2))])
+    small_noise = np.hstack([points, rng.normal(0, 0.01, (len(points), 2))])
+    for features, expected in ((small_signal, "standardised"), (small_noise, "as is")):
+        chosen = hardness_baseline(features, labels, groups, repeats=2)
+        other = knn_classification(features, labels, groups, repeats=2, standardise=expected == "as is")
+        assert chosen.scaling == expected
+        assert chosen.balanced_accuracy >= other.balanced_accuracy
+
+
+def test_the_verdict_is_paired_and_needs_a_margin_above_the_noise() -> None:
+    def scores(per_repeat: list[float]) -> ClassificationScores:
+        return ClassificationScores(0.0, float(np.mean(per_repeat)), per_repeat_balanced_accuracy=per_repeat)
+
+    # both move with the folds: a steady +0.02 is a win although the scores vary by 0.1
+    margin, spread = paired_margin(scores([0.50, 0.40, 0.60]), scores([0.48, 0.38, 0.58]))
+    assert margin == pytest.approx(0.02) and spread == pytest.approx(0.0, abs=1e-12)
+    assert comparison_verdict(margin, spread) == "beats"
+    margin, spread = paired_margin(scores([0.50, 0.40, 0.60]), scores([0.40, 0.50, 0.57]))
+    assert comparison_verdict(margin, spread).startswith("ties")
+    assert comparison_verdict(-0.05, 0.01) == "does not beat"
 
 
 def test_precision_at_k_skips_the_same_source() -> None:
