@@ -35,7 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
                             help="latent dimensions to retrain and compare, comma-separated (default 2,4,8)")
         parser.add_argument("--skip-latent-dims", action="store_true",
                             help="skip retraining for the latent-dimension comparison")
-        parser.add_argument("--epochs", type=int, default=60, help="max epochs per comparison model")
+        parser.add_argument("--epochs", type=int, default=None,
+                            help="max epochs per comparison model (default: the model's own settings)")
+        parser.add_argument("--seeds", type=int, default=3,
+                            help="training seeds per latent dimension in the comparison (default 3)")
         parser.add_argument("--work", default="results/evaluation",
                             help="folder for the comparison and baseline models (reused by reruns)")
         return
@@ -297,6 +300,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise UserError(f"--latent-dims must be integers separated by commas, got {args.latent_dims!r}") \
             from error
     report = write_evaluation_report(args.archive, args.spectra, args.model, args.out, latent_dims=dims,
-                                     max_epochs=args.epochs, work_dir=args.work)
+                                     max_epochs=args.epochs, work_dir=args.work, training_seeds=args.seeds)
     print(f"evaluation written to {report}")
     return 0

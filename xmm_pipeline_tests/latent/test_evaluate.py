@@ -9,6 +9,7 @@ from xmm_pipeline.latent.evaluate import (
     CV_REPEATS,
     ONE_ES_IAUNAME,
     ClassificationScores,
+    active_dimensions,
     comparison_verdict,
     evaluate_latent_space,
     hardness_baseline,
@@ -62,6 +63,14 @@ def test_latent_means_are_scored_as_they_are_so_a_collapsed_dimension_does_not_c
     standardised = knn_classification(table[["z0", "z1", *collapsed]].to_numpy(), table["class"].to_numpy(),
                                       table["srcid"].to_numpy())
     assert standardised.balanced_accuracy < metrics.knn_latent.balanced_accuracy - 0.05
+
+
+def test_active_dimensions_leave_out_the_collapsed_ones() -> None:
+    embeddings, _ = synthetic_embeddings(n_sources=50, n_odd=0, dim=4)
+    assert active_dimensions(embeddings) == 4  # informative means, posterior variance e^-3
+    rng = np.random.default_rng(0)
+    embeddings["z3"], embeddings["logvar3"] = rng.normal(0, 0.05, len(embeddings)), -0.01  # the prior
+    assert active_dimensions(embeddings) == 3
 
 
 def test_hardness_baseline_is_the_better_of_standardised_and_as_is() -> None:
