@@ -13,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str = "train") -> None:
                         help="folder written by `xmm-pipeline preprocess`")
     parser.add_argument("--out", required=True, type=Path, help="artifact folder (model.pt, model.json)")
     parser.add_argument("--epochs", type=int, default=None, help="maximum epochs (default: TrainConfig)")
-    parser.add_argument("--latent-dim", type=int, default=None, help="latent dimension (default 2)")
+    parser.add_argument("--latent-dim", type=int, default=None, help="latent dimension (default 8)")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--patience", type=int, default=None, help="early-stopping patience in epochs")

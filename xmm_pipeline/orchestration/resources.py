@@ -160,7 +160,7 @@ class ModelSettings(ConfigurableResource):
     full schedule (max_epochs=25000).
     """
 
-    latent_dim: int = 2
+    latent_dim: int = 8
     beta: float = 1.0
     max_epochs: int = 600
     patience: int = 40

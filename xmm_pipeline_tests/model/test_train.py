@@ -81,7 +81,7 @@ def test_training_learns_and_writes_a_loadable_artifact(trained, dataset) -> Non
     artifact = load_artifact(trained.artifact_dir)
     assert artifact.version == trained.version and artifact.n_parameters == trained.n_parameters
     mu, logvar = artifact.encode(dataset)
-    assert mu.shape == logvar.shape == (len(dataset), 2)
+    assert mu.shape == logvar.shape == (len(dataset), artifact.config.latent_dim)
     expected = artifact.reconstruct(dataset)
     assert expected.shape == dataset.counts.shape and (expected > 0).all()
     # ML normalisation: rescaling the source part either way only lowers the Poisson likelihood

@@ -101,7 +101,7 @@ def test_loss_gradients_reach_every_network(dataset) -> None:
     model = VAE(VAEConfig(encoder_widths=(32,), branch_widths=(32,), trunk_widths=(32,), n_basis=8))
     batch = SpectraTensors.from_dataset(dataset)
     loss, _, kl = poisson_vae_loss(model, batch, torch.as_tensor(dataset.rmf_matrices),
-                                     torch.randn(len(dataset), 2))
+                                     torch.randn(len(dataset), model.config.latent_dim))
     loss.backward()
     assert torch.isfinite(loss.detach()) and float(kl.detach()) >= 0
     for name, parameter in model.named_parameters():

@@ -8,6 +8,7 @@ from dagster._core.definitions.backfill_policy import BackfillPolicyType
 
 from xmm_pipeline.definitions import build_definitions, defs
 from xmm_pipeline.orchestration.automation import ReleaseCursor
+from xmm_pipeline.orchestration.resources import ComputeResource, ModelSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ASSETS = [
@@ -95,6 +96,18 @@ def test_resources_point_below_the_storage_root(tmp_path):
     assert Path(built.resources["storage"].root) == tmp_path
     assert Path(built.resources["archive"].root) == tmp_path / "archive"
     assert built.resources["archive"].kind == "simulated"
+
+
+def test_model_settings_default_to_the_model_package_defaults():
+    from xmm_pipeline.model.train import TrainConfig
+    from xmm_pipeline.model.vae import VAEConfig
+
+    settings = ModelSettings()
+    assert settings.vae_config() == VAEConfig()
+    trained = settings.train_config(ComputeResource()).to_dict()
+    defaults = TrainConfig().to_dict()
+    assert {k: trained[k] for k in ("max_epochs", "patience", "batch_size", "lr", "val_fraction", "seed")} \
+        == {k: defaults[k] for k in ("max_epochs", "patience", "batch_size", "lr", "val_fraction", "seed")}
 
 
 def test_project_dagster_yaml_configures_sqlite_queue_limits_and_pools(tmp_path):
