@@ -55,8 +55,6 @@ STEADY_CLASS = "AGN"
 MOVER_CLASSES = ("TDE", "XRB")
 REPORT_FILE = "EVALUATION.md"
 IMAGES_SUBDIR = "images"
-
-
 CV_REPEATS = 5  # shuffles of the grouped folds that the k-NN scores are averaged over
 
 
