@@ -246,14 +246,18 @@ class LatentMetrics:
         }
 
 
-def latent_metrics(embeddings: pd.DataFrame, classes: pd.DataFrame, seed: int = 0) -> LatentMetrics:
-    """Every latent-space metric of the report for one embeddings table."""
+def latent_metrics(embeddings: pd.DataFrame, classes: pd.DataFrame, seed: int = 0,
+                   knn_hardness: ClassificationScores | None = None) -> LatentMetrics:
+    """Every latent-space metric of the report for one embeddings table. The hardness-ratio baseline
+    does not depend on the model: pass `knn_hardness` from an earlier call on the same detections and
+    fold seed to reuse it."""
     table = labelled(embeddings, classes)
     vectors = latent_matrix(table)
     labels, groups = table["class"].astype(str).to_numpy(), table["srcid"].to_numpy()
     hardness = hardness_ratios(table)
     hardness_filled = np.where(np.isfinite(hardness), hardness, np.nanmedian(hardness, axis=0))
-    knn_hardness = hardness_baseline(hardness, labels, groups, seed=seed)
+    if knn_hardness is None:
+        knn_hardness = hardness_baseline(hardness, labels, groups, seed=seed)
     if knn_hardness.scaling == "standardised":
         hardness_filled = _standardised(hardness_filled)
     return LatentMetrics(
@@ -460,7 +464,7 @@ def latent_dimension_study(
 
     base = artifact.train_config.to_dict()
     epochs = base["max_epochs"] if max_epochs is None else min(max_epochs, base["max_epochs"])
-    rows = []
+    rows, knn_hardness = [], None
     for dim in latent_dims:
         model_config = VAEConfig.from_dict({**artifact.config.to_dict(), "latent_dim": dim})
         per_seed = []
@@ -470,7 +474,8 @@ def latent_dimension_study(
             name = f"latent_dim_{dim}" if offset == 0 else f"latent_dim_{dim}_seed{training_seed}"
             result = train_model(dataset, work_dir / name, model_config, train_config)
             embeddings = embed_dataset(load_artifact(result.artifact_dir), dataset)
-            metrics = latent_metrics(embeddings, classes, seed=seed)
+            metrics = latent_metrics(embeddings, classes, seed=seed, knn_hardness=knn_hardness)
+            knn_hardness = metrics.knn_hardness
             per_seed.append({**metrics.summary_row(),
                              "active dims": active_dimensions(embeddings),
                              "HR balanced accuracy": metrics.knn_hardness.balanced_accuracy})

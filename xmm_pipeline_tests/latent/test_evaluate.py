@@ -85,6 +85,15 @@ def test_hardness_baseline_is_the_better_of_standardised_and_as_is() -> None:
         assert chosen.balanced_accuracy >= other.balanced_accuracy
 
 
+def test_a_given_hardness_baseline_is_reused_not_recomputed() -> None:
+    embeddings, classes = synthetic_embeddings(n_sources=80, detections_per_source=3, n_odd=0)
+    first = latent_metrics(embeddings, classes)
+    given = ClassificationScores(0.5, 0.25, per_repeat_balanced_accuracy=[0.25] * CV_REPEATS, scaling="as is")
+    again = latent_metrics(embeddings, classes, knn_hardness=given)
+    assert again.knn_hardness is given and first.knn_hardness.balanced_accuracy != 0.25
+    assert again.knn_latent.balanced_accuracy == first.knn_latent.balanced_accuracy
+
+
 def test_the_verdict_is_paired_and_needs_a_margin_above_the_noise() -> None:
     def scores(per_repeat: list[float]) -> ClassificationScores:
         return ClassificationScores(0.0, float(np.mean(per_repeat)), per_repeat_balanced_accuracy=per_repeat)

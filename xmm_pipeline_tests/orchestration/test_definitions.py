@@ -104,10 +104,9 @@ def test_model_settings_default_to_the_model_package_defaults():
 
     settings = ModelSettings()
     assert settings.vae_config() == VAEConfig()
-    trained = settings.train_config(ComputeResource()).to_dict()
-    defaults = TrainConfig().to_dict()
-    assert {k: trained[k] for k in ("max_epochs", "patience", "batch_size", "lr", "val_fraction", "seed")} \
-        == {k: defaults[k] for k in ("max_epochs", "patience", "batch_size", "lr", "val_fraction", "seed")}
+    trained, defaults = settings.train_config(ComputeResource()).to_dict(), TrainConfig().to_dict()
+    for key in ("max_epochs", "patience", "batch_size", "lr", "val_fraction", "seed"):
+        assert trained[key] == defaults[key], key
 
 
 def test_project_dagster_yaml_configures_sqlite_queue_limits_and_pools(tmp_path):
