@@ -4,7 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install
+SYSTEM_PACKAGES := chromium chromium-driver postgresql
+
+.PHONY: demo test lint install system-packages
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (set PYTHON=...)"; exit 2; }
@@ -18,9 +20,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/xmm-pipeline demo
 
+system-packages:
+	@./.ci/system-packages $(SYSTEM_PACKAGES)
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: $(STAMP)
+test: $(STAMP) system-packages
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
