@@ -100,8 +100,10 @@ def binned_redistribution(rmf: Rmf, grid: EnergyGrid) -> tuple[np.ndarray, np.nd
 
 
 def _same_energies(rmf: Rmf, arf: Arf) -> bool:
+    """Same energy bins; the lower edge of the first may differ (SAS rmfgen starts it at 0.001 keV where
+    arfgen says 0.05 keV: circinus_ulx in ../shared/data/real_pn), far below any grid."""
     return len(arf.energy_lo_kev) == rmf.n_energies and bool(
-        np.allclose(arf.energy_lo_kev, rmf.energy_lo_kev, rtol=1e-5)
+        np.allclose(arf.energy_lo_kev[1:], rmf.energy_lo_kev[1:], rtol=1e-5)
         and np.allclose(arf.energy_hi_kev, rmf.energy_hi_kev, rtol=1e-5)
     )
 
@@ -114,7 +116,8 @@ def _fine_area(rmf: Rmf, arf: Arf | None, row_total: np.ndarray) -> np.ndarray:
         return row_total
     if not _same_energies(rmf, arf):
         raise ProductError(
-            arf.path, f"ARF energy bins ({len(arf.energy_lo_kev)}) differ from the RMF's ({rmf.n_energies})"
+            arf.path, f"ARF energy bins ({len(arf.energy_lo_kev)}) differ from those of the RMF "
+            f"{rmf.path.name} ({rmf.n_energies})",
         )
     return arf.area_cm2 * row_total if rmf.includes_area else arf.area_cm2
 
