@@ -1,17 +1,20 @@
 """Select detections, bin their pn spectra onto the grid, unfold and scale them, write Parquet.
 
-Per spectrum (grid bins k, j; see spectra/response.py for the compressed response R and area_j):
+Per spectrum (channel bins k of the grid, model bins j of grid.extended(); see spectra/response.py for
+the compressed response R and area_j):
 
     counts_k      source counts of the good-quality (QUALITY = 0) channels whose EBOUNDS mid energy
                   falls in bin k; RATE files give RATE x EXPOSURE, rounded
     background_k  background counts of the same channels x (EXPOSURE x BACKSCAL x AREASCAL of the source)
                   / (the same of the background): the expected background in the source region
+    valid_k       the bin is fitted: every RMF channel of bin k is present with QUALITY 0, there is at
+                  least one, and folded_k >= 1e-6 x its maximum (the response reaches it)
     area_exposure_j = area_j x EXPOSURE x AREASCAL                     (cm^2 s per model bin)
     folded_k      = sum_j R[k, j] area_exposure_j                      (cm^2 s seen by channel bin k)
     flux_k        = max(counts_k - background_k, 0) / (folded_k x width_k)   photons/cm^2/s/keV
-                    (0 where folded_k < 1e-6 x its maximum: channel bins the response cannot reach)
+                    (0 in masked bins, valid_k false)
     unfolded_k    = E_k^2 flux_k / mean_k(E_k^2 flux_k)               the encoder's input
-    log10_flux    = log10(sum_k E_k flux_k width_k x 1.602e-9)         erg/cm^2/s, 0.3-10 keV
+    log10_flux    = log10(sum_k E_k flux_k width_k x 1.602e-9)         erg/cm^2/s, valid bins
 
 Negative net bins (background fluctuations) are clipped to zero before unfolding: the loss of the model
 works on the raw counts and background, so the encoder input only needs an unbiased-looking shape, and
