@@ -285,7 +285,8 @@ def _show(args: argparse.Namespace) -> int:
     deviance = float(artifact.deviance_per_dof(one, expected[None])[0])
     name = str(one.meta["iauname"].iloc[0]) if "iauname" in one.meta else str(args.detid)
     title = f"{name}  detid {args.detid}  obs {row['obs_id'].iloc[0]}  deviance/dof {deviance:.2f}"
-    plot_reconstruction(one.grid.edges_kev, one.counts[0], one.background[0], expected, args.plot, title)
+    plot_reconstruction(one.grid.edges_kev, one.counts[0], one.background[0], expected, args.plot, title,
+                        valid=one.valid[0])
     print(f"{title}\nplot written to {args.plot}")
     return 0
 

@@ -338,13 +338,16 @@ def plot_reconstruction(
     expected_counts: np.ndarray,
     path: str | Path,
     title: str = "",
+    valid: np.ndarray | None = None,
 ) -> Path:
-    """Observed counts per keV against the folded model (source + background), with Poisson residuals."""
+    """Observed counts per keV against the folded model (source + background), with Poisson residuals;
+    bins outside `valid` (masked: not fitted) are left blank."""
     widths_kev = np.diff(energy_edges_kev)
     centres_kev = np.sqrt(energy_edges_kev[:-1] * energy_edges_kev[1:])
-    counts = np.asarray(counts, dtype=np.float64)
-    expected = np.asarray(expected_counts, dtype=np.float64)
-    background = np.asarray(background, dtype=np.float64)
+    keep = np.ones(len(widths_kev), dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+    counts = np.where(keep, np.asarray(counts, dtype=np.float64), np.nan)
+    expected = np.where(keep, np.asarray(expected_counts, dtype=np.float64), np.nan)
+    background = np.where(keep, np.asarray(background, dtype=np.float64), np.nan)
     figure = Figure(figsize=(6.8, 5.6))
     top, bottom = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     top.errorbar(centres_kev, counts / widths_kev, yerr=np.sqrt(np.maximum(counts, 1)) / widths_kev,

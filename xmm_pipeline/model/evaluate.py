@@ -1,8 +1,9 @@
 """Reconstruction quality of the VAE+DeepONet against the baselines, as a markdown table and a figure.
 
-The measure is the Poisson deviance per degree of freedom (bins - latent_dim - 1) of the observed
+The measure is the Poisson deviance per degree of freedom (valid bins - latent_dim - 1) of the observed
 counts given the folded, background-added, ML-normalised reconstruction of each held-out spectrum:
-~1 for a model as good as the Poisson noise allows.
+~1 for a model as good as the Poisson noise allows. Masked bins (spectra/dataset.py) are left out of the
+deviance and of the figure.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def pick_examples(dataset: SpectralDataset, classes: Sequence[str] | None) -> li
 def plot_reconstructions(dataset: SpectralDataset, expected: np.ndarray, examples: list[tuple[str, int]],
                          deviance: np.ndarray, path: Path) -> None:
     """Input counts vs the folded model, one panel per example (the seed's reconstruction slides),
-    both divided by the spectrum's folded area x exposure x bin width."""
+    both divided by the spectrum's folded area x exposure x bin width; masked bins are not drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,15 +64,15 @@ def plot_reconstructions(dataset: SpectralDataset, expected: np.ndarray, example
         # counts / (folded area x exposure x keV) of each channel bin: the comb that 5 eV channels leave
         # in narrow log bins divides out of data and model alike (an unfolded plot, as in XSPEC)
         matrix = dataset.rmf_matrices[dataset.rmf_index[row]]
-        folded = matrix @ (dataset.area_exposure[row] * dataset.grid.widths_kev)
-        reach = folded > 1e-6 * folded.max()
+        folded = matrix @ (dataset.area_exposure[row] * dataset.model_grid.widths_kev)
+        reach = (folded > 1e-6 * folded.max()) & dataset.valid[row]
         counts = dataset.counts[row]
         seen = reach & (counts > 0)
         ax.errorbar(energy[seen], counts[seen] / folded[seen], yerr=np.sqrt(counts[seen]) / folded[seen],
                     fmt=".", ms=3, lw=0.6, color="0.35", label="Input")
-        ax.plot(energy[reach], expected[row][reach] / folded[reach], color="C3", lw=1.4, label="Predicted")
-        ax.plot(energy[reach], dataset.background[row][reach] / folded[reach], color="C0", lw=0.8, ls=":",
-                label="Background")
+        drawn = np.where(reach, folded, np.nan)  # gaps, not lines, across masked bins
+        ax.plot(energy, expected[row] / drawn, color="C3", lw=1.4, label="Predicted")
+        ax.plot(energy, dataset.background[row] / drawn, color="C0", lw=0.8, ls=":", label="Background")
         name = dataset.meta["iauname"].iloc[row] if "iauname" in dataset.meta.columns else f"row {row}"
         ax.set_title(f"{label}: {name}\ndeviance/dof = {deviance[row]:.2f}", fontsize=9)
         ax.set_xscale("log")
@@ -122,21 +123,22 @@ def evaluate_reconstruction(
         "pca": lambda ds: pca.reconstruct(ds, artifact.config.norm_iterations)}
 
     expected = {name: predict(test_ds) for name, predict in predictors.items()}
-    deviance = {name: poisson_deviance_per_dof(test_ds.counts, mu, n_fitted) for name, mu in expected.items()}
+    deviance = {name: poisson_deviance_per_dof(test_ds.counts, mu, n_fitted, test_ds.valid)
+                for name, mu in expected.items()}
     test_metrics = {name: deviance_summary(d) for name, d in deviance.items()}
     examples = pick_examples(test_ds, classes)
     figure = out / figure_name
     plot_reconstructions(test_ds, expected["vae_deeponet"], examples, deviance["vae_deeponet"], figure)
 
     real_metrics = {
-        label: {name: float(poisson_deviance_per_dof(ds.counts, predict(ds), n_fitted).mean())
+        label: {name: float(poisson_deviance_per_dof(ds.counts, predict(ds), n_fitted, ds.valid).mean())
                 for name, predict in predictors.items()}
         for label, ds in (real or {}).items()}
 
     lines = [f"Model version `{artifact.version}` ({artifact.n_parameters:,} parameters, latent dimension "
              f"{artifact.config.latent_dim}); baselines fitted on the same {len(train_ds)} training spectra; "
              f"{len(test_ds)} held-out spectra. Poisson deviance per degree of freedom "
-             f"(bins - {n_fitted}), ~1 when the model is as good as the counting noise allows:", "",
+             f"(valid bins - {n_fitted}), ~1 when the model is as good as the counting noise allows:", "",
              *_format_table(test_metrics), "",
              f"![input counts vs folded reconstruction]({figure_name})", ""]
     if real_metrics:

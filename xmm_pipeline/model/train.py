@@ -6,7 +6,7 @@ atomically with the weights, optimizer, early-stopping state and RNG states, so 
 from the last checkpoint and ends bit-identical (on CPU) to an uninterrupted one. The artifact is
 
     out_dir/model.pt      state dict of the best-validation weights (torch.load(weights_only=True))
-    out_dir/model.json    VAEConfig, TrainConfig, grid, preprocessing settings, n_parameters,
+    out_dir/model.json    VAEConfig, TrainConfig, grid, model_grid, preprocessing settings, n_parameters,
                           history summary, version (sha256 of weights + configs), fingerprint
     out_dir/history.json  the per-epoch loss curve
 """
@@ -32,6 +32,7 @@ from xmm_pipeline.model.vae import (
     VAE,
     SpectraTensors,
     VAEConfig,
+    channel_grid,
     count_parameters,
     expected_counts,
     float32_tensor,
@@ -39,9 +40,10 @@ from xmm_pipeline.model.vae import (
     poisson_deviance_per_dof,
     poisson_vae_loss,
     vae_loss,
+    with_model_grid,
 )
 from xmm_pipeline.spectra.dataset import SpectralDataset
-from xmm_pipeline.spectra.grid import EnergyGrid
+from xmm_pipeline.spectra.grid import EnergyGrid, ModelGrid
 from xmm_pipeline.storage import atomic_path, sha256_json, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -125,9 +127,10 @@ def split_by_source(srcid: np.ndarray, val_fraction: float, seed: int) -> tuple[
 def dataset_fingerprint(dataset: SpectralDataset) -> str:
     digest = hashlib.sha256()
     for array in (dataset.counts, dataset.background, dataset.area_exposure, dataset.unfolded,
-                  dataset.rmf_index, dataset.rmf_matrices, source_ids(dataset)):
+                  dataset.rmf_index, dataset.rmf_matrices, source_ids(dataset), dataset.valid):
         digest.update(np.ascontiguousarray(array).tobytes())
     digest.update(json.dumps(asdict(dataset.grid)).encode())
+    digest.update(json.dumps(dataset.model_grid.to_dict()).encode())
     return digest.hexdigest()
 
 
@@ -148,8 +151,11 @@ def state_dict_hash(state: dict[str, torch.Tensor]) -> str:
 def check_dataset(dataset: SpectralDataset, config: VAEConfig) -> None:
     if len(dataset) < 2:
         raise UserError(f"training needs at least 2 spectra, got {len(dataset)}")
-    if dataset.grid != model_grid(config):
-        raise UserError(f"dataset grid {dataset.grid} differs from the model's {model_grid(config)}")
+    if dataset.grid != channel_grid(config):
+        raise UserError(f"dataset grid {dataset.grid} differs from the model's {channel_grid(config)}")
+    if dataset.model_grid != model_grid(config):
+        raise UserError(f"dataset model grid {dataset.model_grid} differs from the model's "
+                        f"{model_grid(config)}")
     for name in ("counts", "background", "area_exposure", "unfolded"):
         values = getattr(dataset, name)
         if not np.isfinite(values).all():
@@ -209,9 +215,9 @@ def evaluate_loss(model: VAE, data: SpectraTensors, rmf_matrices: torch.Tensor, 
         batch = data.take(torch.arange(start, min(start + chunk, len(data)), device=data.counts.device))
         flux, z_mean, logvar = model(batch.unfolded)
         expected = expected_counts(flux, batch, rmf_matrices, model.config.norm_iterations)
-        loss, _, _ = vae_loss(model.config, batch.counts, expected, z_mean, logvar)
+        loss, _, _ = vae_loss(model.config, batch.counts, expected, z_mean, logvar, batch.valid)
         loss_sum += loss.item() * len(batch)
-        deviance = poisson_deviance_per_dof(batch.counts, expected, model.config.latent_dim + 1)
+        deviance = poisson_deviance_per_dof(batch.counts, expected, model.config.latent_dim + 1, batch.valid)
         deviance_sum += deviance.sum().item()
     model.train()
     return loss_sum / len(data), deviance_sum / len(data)
@@ -245,8 +251,11 @@ def train_model(
     """Train (or resume, or find already trained) a VAE on `dataset` and write the artifact to out_dir.
 
     `model` replaces the freshly initialised VAE (the baselines pass a prepared one); `on_epoch_end`
-    receives each history row (progress reporting)."""
+    receives each history row (progress reporting). A fresh model takes its model grid from the dataset
+    (VAEConfig.model_bins_below/above)."""
     model_config = model.config if model is not None else (model_config or VAEConfig())
+    if model is None:
+        model_config = with_model_grid(model_config, dataset.model_grid)
     train_config = train_config or TrainConfig()
     if train_config.beta is not None:
         model_config = VAEConfig.from_dict({**model_config.to_dict(), "beta": train_config.beta})
@@ -338,8 +347,9 @@ def _train(dataset: SpectralDataset, out: Path, model_config: VAEConfig, train_c
 
     model.load_state_dict(state["best_model"])
     model = model.cpu().eval()
-    version = _write_artifact(out, model, model_config, train_config, dataset.grid, preprocessing, state,
-                              n_parameters, fingerprint, len(train_rows), len(val_rows), str(device))
+    version = _write_artifact(out, model, model_config, train_config, dataset.grid, dataset.model_grid,
+                              preprocessing, state, n_parameters, fingerprint, len(train_rows), len(val_rows),
+                              str(device))
     return TrainResult(out, state["history"], state["best_epoch"], n_parameters, version, resumed_from, model)
 
 
@@ -394,12 +404,13 @@ def _history_summary(history: list[dict[str, float]], best_epoch: int) -> dict[s
 
 
 def _write_artifact(out: Path, model: VAE, model_config: VAEConfig, train_config: TrainConfig,
-                    grid: EnergyGrid, preprocessing: dict[str, Any], state: dict[str, Any], n_parameters: int,
-                    fingerprint: str,
-                    n_train: int, n_val: int, device: str) -> str:
+                    grid: EnergyGrid, grid_of_model: ModelGrid, preprocessing: dict[str, Any],
+                    state: dict[str, Any], n_parameters: int, fingerprint: str, n_train: int, n_val: int,
+                    device: str) -> str:
     state_dict = model.state_dict()
     description = {"vae_config": model_config.to_dict(), "train_config": train_config.to_dict(),
-                   "grid": asdict(grid), "preprocessing": preprocessing}
+                   "grid": asdict(grid), "model_grid": grid_of_model.to_dict(),
+                   "preprocessing": preprocessing}
     version = sha256_json({"weights": state_dict_hash(state_dict), **description})[:16]
     with atomic_path(out / MODEL_FILE) as tmp:
         torch.save(state_dict, tmp)
@@ -438,6 +449,7 @@ class ModelArtifact:
         self.config = VAEConfig.from_dict(self.description["vae_config"])
         self.train_config = TrainConfig.from_dict(self.description["train_config"])
         self.grid = EnergyGrid(**self.description["grid"])
+        self.model_grid = model_grid(self.config)
         self.preprocessing: dict[str, Any] = self.description.get("preprocessing", {})
         self.version: str = self.description["version"]
         self.n_parameters: int = int(self.description["n_parameters"])
@@ -451,6 +463,11 @@ class ModelArtifact:
         if dataset.grid != self.grid:
             raise UserError(f"dataset grid {dataset.grid} differs from the model's {self.grid} "
                             f"({self.artifact_dir})")
+        if dataset.model_grid != self.model_grid:
+            ours, theirs = self.model_grid, dataset.model_grid
+            raise UserError(f"dataset model grid ({theirs.n_bins} bins, {theirs.e_min_kev:.3g}-"
+                            f"{theirs.e_max_kev:.3g} keV) differs from the model's ({ours.n_bins} bins) in "
+                            f"{self.artifact_dir}: preprocess and train with the same version")
 
     def _chunks(self, dataset: SpectralDataset):
         data = SpectraTensors.from_dataset(dataset, self.device)
@@ -475,14 +492,15 @@ class ModelArtifact:
         return np.concatenate(out).reshape(len(dataset), -1)
 
     def deviance_per_dof(self, dataset: SpectralDataset, expected: np.ndarray | None = None) -> np.ndarray:
-        """Poisson deviance per degree of freedom [N] (dof = bins - latent_dim - 1 for the normalisation);
-        pass `expected` from `reconstruct` when it is at hand, to decode only once."""
+        """Poisson deviance per degree of freedom [N] over the valid bins (dof = valid bins - latent_dim
+        - 1 for the normalisation); pass `expected` from `reconstruct` when it is at hand, to decode once."""
         expected = self.reconstruct(dataset) if expected is None else expected
-        return poisson_deviance_per_dof(dataset.counts, expected, self.config.latent_dim + 1)
+        return poisson_deviance_per_dof(dataset.counts, expected, self.config.latent_dim + 1, dataset.valid)
 
     @torch.no_grad()
     def decode_latent(self, z: np.ndarray, energy_kev: np.ndarray | None = None) -> np.ndarray:
-        """Photon flux density shapes [N, E] (unit mean) of latent points, on the grid or given energies."""
+        """Photon flux density shapes [N, E] (unit mean) of latent points, on the model grid (E = M bins,
+        `self.model_grid.centres_kev`) or at the given energies."""
         z_tensor = torch.as_tensor(np.atleast_2d(np.asarray(z, dtype=np.float32)), device=self.device)
         log_energy = None if energy_kev is None else torch.as_tensor(
             np.log(np.asarray(energy_kev, dtype=np.float32)), device=self.device)

@@ -5,18 +5,28 @@ files rather than rewriting them):
 
     SPECTRA_DIR/spectra/<obs_id>.parquet   one row per selected detection (columns below)
     SPECTRA_DIR/responses.parquet          one row per canned RMF: rmf_id, e_min_kev, e_max_kev,
-                                           n_bins, matrix (n_bins*n_bins float32, row-major [k, j])
+                                           n_bins (the channel grid), model_bins_below,
+                                           model_bins_above (the model grid: spectra/grid.py), matrix
+                                           (n_bins * n_model_bins float32, row-major [k, j])
     SPECTRA_DIR/quarantine.parquet         what was set aside, with the reason
     SPECTRA_DIR/selection.json             detections dropped by the selection, by reason
 
-Array columns (fixed-size lists of length n_bins, one entry per bin of the EnergyGrid):
-    counts               int32    source-region counts summed into channel bin k (by EBOUNDS energy)
-    background           float32  background counts scaled to the source region and exposure
-    area_exposure_cm2_s  float32  effective area x exposure of model bin j (ARF averaged over the bin)
-    unfolded             float32  scaled unfolded spectrum, the encoder's input (see docs/DATA.md)
+Array columns, fixed-size lists: B = n_bins entries (channel bins k) or M = n_model_bins (model bins j):
+    counts               int32    [B] source counts of the good channels summed into channel bin k
+    background           float32  [B] background counts scaled to the source region and exposure
+    valid                bool     [B] the bin is fitted: all the channels its response row sums are
+                                  present with QUALITY 0 (none bad, at least one) and the response
+                                  reaches it; masked bins are left out of the likelihood, the deviance
+                                  and its degrees of freedom, the encoder input and the plots
+    area_exposure_cm2_s  float32  [M] effective area x exposure of model bin j (ARF averaged over it)
+    unfolded             float32  [B] scaled unfolded spectrum, the encoder's input: 0 in masked bins,
+                                  unit mean over all bins
 The redistribution matrix R[k, j] of the spectrum's `rmf_id` is the probability that a photon in
 model bin j is registered in channel bin k. Expected source counts for a photon flux phi_j
 (photons/cm^2/s integrated over model bin j) are mu_k = sum_j R[k, j] * area_exposure_j * phi_j.
+
+Tables written before the mask and the model grid (no `valid` column, no model_bins_* columns) still
+load: every bin valid, the model grid equal to the channel grid, as they were fitted when written.
 """
 
 from __future__ import annotations
@@ -30,24 +40,61 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from xmm_pipeline.errors import UserError
-from xmm_pipeline.spectra.grid import EnergyGrid
+from xmm_pipeline.spectra.grid import EnergyGrid, ModelGrid
 
-ARRAY_COLUMNS = ("counts", "background", "area_exposure_cm2_s", "unfolded")
+CHANNEL_COLUMNS = ("counts", "background", "unfolded")
+MODEL_COLUMNS = ("area_exposure_cm2_s",)
+MASK_COLUMN = "valid"
+ARRAY_COLUMNS = (*CHANNEL_COLUMNS[:2], *MODEL_COLUMNS, CHANNEL_COLUMNS[2], MASK_COLUMN)
 SPECTRA_SUBDIR = "spectra"
 RESPONSES_FILE = "responses.parquet"
 
 
 @dataclass
 class SpectralDataset:
+    """Spectra on the channel grid (B bins) with responses from the model grid (M bins).
+
+    `valid` defaults to all bins valid; `model_grid` to the channel grid itself when the matrices are
+    square (data made before the wider model grid)."""
+
     grid: EnergyGrid
     counts: np.ndarray  # float32 [N, B]
     background: np.ndarray  # float32 [N, B], expected background counts in the source region
-    area_exposure: np.ndarray  # float32 [N, B], cm^2 s per model bin
+    area_exposure: np.ndarray  # float32 [N, M], cm^2 s per model bin
     rmf_index: np.ndarray  # int64 [N], row of rmf_matrices used by each spectrum
-    rmf_matrices: np.ndarray  # float32 [R, B, B], [r, k, j]
+    rmf_matrices: np.ndarray  # float32 [R, B, M], [r, k, j]
     rmf_ids: list[str]
     unfolded: np.ndarray  # float32 [N, B], the encoder's input
     meta: pd.DataFrame  # one row per spectrum: detid, srcid, obs_id, iauname, mjd, ...
+    valid: np.ndarray | None = None  # bool [N, B], the channel bins that are fitted
+    model_grid: ModelGrid | None = None
+
+    def __post_init__(self) -> None:
+        if self.model_grid is None:
+            if self.rmf_matrices.shape[-1] != self.grid.n_bins:
+                raise ValueError(
+                    f"responses have {self.rmf_matrices.shape[-1]} model bins: pass the model grid"
+                )
+            self.model_grid = ModelGrid.same_as(self.grid)
+        if self.model_grid.channel != self.grid:
+            raise ValueError(f"model grid {self.model_grid} does not extend the channel grid {self.grid}")
+        if self.valid is None:
+            self.valid = np.ones(np.shape(self.counts), dtype=bool)
+        self.valid = np.asarray(self.valid, dtype=bool)
+        n_channel, n_model = self.grid.n_bins, self.model_grid.n_bins
+        shapes = {"counts": (n_channel, self.counts), "background": (n_channel, self.background),
+                  "unfolded": (n_channel, self.unfolded), "valid": (n_channel, self.valid),
+                  "area_exposure": (n_model, self.area_exposure)}
+        for name, (n, values) in shapes.items():
+            if np.ndim(values) != 2 or np.shape(values)[1] != n:
+                raise ValueError(f"SpectralDataset.{name} has shape {np.shape(values)}, wants [N, {n}]")
+        if self.rmf_matrices.shape[1:] != (n_channel, n_model):
+            raise ValueError(f"rmf_matrices have shape {self.rmf_matrices.shape}, want [R, {n_channel}, "
+                             f"{n_model}]")
+
+    @property
+    def model_widths_kev(self) -> np.ndarray:
+        return self.model_grid.widths_kev
 
     def __len__(self) -> int:
         return len(self.counts)
@@ -61,13 +108,15 @@ class SpectralDataset:
             area_exposure=self.area_exposure[index],
             rmf_index=self.rmf_index[index],
             unfolded=self.unfolded[index],
+            valid=self.valid[index],
             meta=self.meta.iloc[index].reset_index(drop=True),
         )
 
     def fold(self, photon_flux_per_bin: np.ndarray) -> np.ndarray:
-        """Expected source counts per channel bin for photon fluxes [N, B] (photons/cm^2/s per bin)."""
+        """Expected source counts per channel bin [N, B] for photon fluxes [N, M] (photons/cm^2/s per
+        model bin)."""
         incident = photon_flux_per_bin * self.area_exposure
-        out = np.empty_like(incident, dtype=np.float64)
+        out = np.empty((len(incident), self.grid.n_bins), dtype=np.float64)
         for r in range(len(self.rmf_matrices)):
             rows = self.rmf_index == r
             if rows.any():
@@ -82,7 +131,8 @@ def _stack(column: pa.ChunkedArray, n_bins: int, dtype: type) -> np.ndarray:
     return np.asarray(flat.to_numpy(zero_copy_only=False), dtype=dtype).reshape(-1, n_bins)
 
 
-def read_responses(spectra_dir: str | Path) -> tuple[EnergyGrid, list[str], np.ndarray]:
+def read_responses(spectra_dir: str | Path) -> tuple[ModelGrid, list[str], np.ndarray]:
+    """(model grid, whose .channel is the channel grid; rmf ids; matrices [R, B, M])."""
     path = Path(spectra_dir) / RESPONSES_FILE
     if not path.exists():
         raise UserError(f"{path}: no responses table; run the preprocessing first")
@@ -94,10 +144,19 @@ def read_responses(spectra_dir: str | Path) -> tuple[EnergyGrid, list[str], np.n
         float(table["e_max_kev"][0].as_py()),
         int(table["n_bins"][0].as_py()),
     )
-    matrices = _stack(table["matrix"], grid.n_bins * grid.n_bins, np.float32).reshape(
-        -1, grid.n_bins, grid.n_bins
+    names = set(table.column_names)
+    model_grid = (
+        ModelGrid(grid, int(table["model_bins_below"][0].as_py()), int(table["model_bins_above"][0].as_py()))
+        if {"model_bins_below", "model_bins_above"} <= names
+        else ModelGrid.same_as(grid)
     )
-    return grid, [str(v) for v in table["rmf_id"].to_pylist()], matrices
+    size = grid.n_bins * model_grid.n_bins
+    stored = table.schema.field("matrix").type.list_size
+    if stored != size:
+        raise UserError(f"{path}: matrices of {stored} values, the grids "
+                        f"({grid.n_bins} x {model_grid.n_bins} bins) need {size}")
+    matrices = _stack(table["matrix"], size, np.float32).reshape(-1, grid.n_bins, model_grid.n_bins)
+    return model_grid, [str(v) for v in table["rmf_id"].to_pylist()], matrices
 
 
 def spectra_files(spectra_dir: str | Path) -> list[Path]:
@@ -106,7 +165,8 @@ def spectra_files(spectra_dir: str | Path) -> list[Path]:
 
 def load_dataset(spectra_dir: str | Path, obs_ids: list[str] | None = None) -> SpectralDataset:
     """Read the per-observation Parquet spectra (all, or the named observations) as one dataset."""
-    grid, rmf_ids, matrices = read_responses(spectra_dir)
+    model_grid, rmf_ids, matrices = read_responses(spectra_dir)
+    grid = model_grid.channel
     files = spectra_files(spectra_dir)
     if obs_ids is not None:
         wanted = set(obs_ids)
@@ -115,12 +175,24 @@ def load_dataset(spectra_dir: str | Path, obs_ids: list[str] | None = None) -> S
         raise UserError(f"{Path(spectra_dir) / SPECTRA_SUBDIR}: no spectra to load")
     table = pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
     table = table.sort_by([("obs_id", "ascending"), ("src_num", "ascending")])
-    arrays = {name: _stack(table[name], grid.n_bins, np.float32) for name in ARRAY_COLUMNS}
+    sizes = {name: grid.n_bins for name in CHANNEL_COLUMNS}
+    sizes |= {name: model_grid.n_bins for name in MODEL_COLUMNS}
+    for name, size in sizes.items():
+        stored = table.schema.field(name).type if name in table.column_names else None
+        if stored is None or getattr(stored, "list_size", size) != size:
+            raise UserError(f"{spectra_dir}: spectra column {name} is {stored or 'missing'}, the responses' "
+                            f"grids need {size} entries; preprocess again")
+    arrays = {name: _stack(table[name], size, np.float32) for name, size in sizes.items()}
+    valid = (
+        _stack(table[MASK_COLUMN], grid.n_bins, np.bool_)
+        if MASK_COLUMN in table.column_names
+        else np.ones((table.num_rows, grid.n_bins), dtype=bool)
+    )
     position = {rmf_id: i for i, rmf_id in enumerate(rmf_ids)}
     unknown = sorted(set(table["rmf_id"].to_pylist()) - set(position))
     if unknown:
         raise UserError(f"{spectra_dir}: spectra reference RMFs missing from {RESPONSES_FILE}: {unknown}")
-    meta = table.drop_columns(list(ARRAY_COLUMNS)).to_pandas()
+    meta = table.drop_columns([c for c in ARRAY_COLUMNS if c in table.column_names]).to_pandas()
     return SpectralDataset(
         grid=grid,
         counts=arrays["counts"],
@@ -131,4 +203,6 @@ def load_dataset(spectra_dir: str | Path, obs_ids: list[str] | None = None) -> S
         rmf_ids=rmf_ids,
         unfolded=arrays["unfolded"],
         meta=meta,
+        valid=valid,
+        model_grid=model_grid,
     )

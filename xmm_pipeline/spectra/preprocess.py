@@ -1,17 +1,20 @@
 """Select detections, bin their pn spectra onto the grid, unfold and scale them, write Parquet.
 
-Per spectrum (grid bins k, j; see spectra/response.py for the compressed response R and area_j):
+Per spectrum (channel bins k of the grid, model bins j of grid.extended(); see spectra/response.py for
+the compressed response R and area_j):
 
     counts_k      source counts of the good-quality (QUALITY = 0) channels whose EBOUNDS mid energy
                   falls in bin k; RATE files give RATE x EXPOSURE, rounded
     background_k  background counts of the same channels x (EXPOSURE x BACKSCAL x AREASCAL of the source)
                   / (the same of the background): the expected background in the source region
+    valid_k       the bin is fitted: every RMF channel of bin k is present with QUALITY 0, there is at
+                  least one, and folded_k >= 1e-6 x its maximum (the response reaches it)
     area_exposure_j = area_j x EXPOSURE x AREASCAL                     (cm^2 s per model bin)
     folded_k      = sum_j R[k, j] area_exposure_j                      (cm^2 s seen by channel bin k)
     flux_k        = max(counts_k - background_k, 0) / (folded_k x width_k)   photons/cm^2/s/keV
-                    (0 where folded_k < 1e-6 x its maximum: channel bins the response cannot reach)
+                    (0 in masked bins, valid_k false)
     unfolded_k    = E_k^2 flux_k / mean_k(E_k^2 flux_k)               the encoder's input
-    log10_flux    = log10(sum_k E_k flux_k width_k x 1.602e-9)         erg/cm^2/s, 0.3-10 keV
+    log10_flux    = log10(sum_k E_k flux_k width_k x 1.602e-9)         erg/cm^2/s, valid bins
 
 Negative net bins (background fluctuations) are clipped to zero before unfolding: the loss of the model
 works on the raw counts and background, so the encoder input only needs an unbiased-looking shape, and
@@ -272,6 +275,9 @@ def bin_spectrum(
     good = source.quality == 0
     bins = response.channel_bin[index]
     use = good & (bins >= 0)
+    # fitted only where the counts and the response row sum the same channels: all present and good
+    good_channels = np.bincount(bins[use], minlength=grid.n_bins)
+    fed = (response.bin_channels > 0) & (good_channels == response.bin_channels)
     with np.errstate(divide="ignore", invalid="ignore"):
         scale = (source.exposure_s * np.asarray(source.backscal) * np.asarray(source.areascal)) / (
             background.exposure_s * np.asarray(background.backscal) * np.asarray(background.areascal)
@@ -286,22 +292,26 @@ def bin_spectrum(
     )
     areascal = float(np.mean(source.areascal)) if np.ndim(source.areascal) else float(source.areascal)
     area_exposure = cache.area_per_bin(arf, response) * source.exposure_s * areascal
-    folded = fold_compressed(area_exposure, response.matrix.astype(np.float64), np.ones(grid.n_bins))
+    folded = fold_compressed(area_exposure, response.matrix.astype(np.float64), np.ones(len(area_exposure)))
     reachable = folded > 1e-6 * max(float(folded.max()), 0.0)
+    valid = fed & reachable & (folded > 0)
     net = np.clip(counts - background_counts, 0.0, None)
     centres, widths = cache.centres_kev, cache.widths_kev
-    flux = np.divide(net, folded * widths, out=np.zeros(grid.n_bins), where=reachable & (folded > 0))
+    flux = np.divide(net, folded * widths, out=np.zeros(grid.n_bins), where=valid)
     energy_flux = float(np.sum(centres * flux * widths)) * KEV_TO_ERG
     if not energy_flux > 0:
-        raise ProductError(source.path, f"no positive net counts in {grid.e_min_kev}-{grid.e_max_kev} keV")
+        raise ProductError(
+            source.path, f"no positive net counts in the valid bins of {grid.e_min_kev}-{grid.e_max_kev} keV"
+        )
     nu_f_nu = centres**2 * flux
     return {
         "counts": counts.astype(np.int32),
         "background": background_counts.astype(np.float32),
         "area_exposure_cm2_s": area_exposure.astype(np.float32),
         "unfolded": (nu_f_nu / nu_f_nu.mean()).astype(np.float32),
-        "total_counts": int(counts.sum()),
-        "net_counts": float(counts.sum() - background_counts.sum()),
+        "valid": valid,
+        "total_counts": int(counts[valid].sum()),
+        "net_counts": float(counts[valid].sum() - background_counts[valid].sum()),
         "log10_flux": float(np.log10(energy_flux)),
         "exposure_s": source.exposure_s,
         "backscal_ratio": float(np.mean(scale) * background.exposure_s / source.exposure_s),
@@ -329,7 +339,9 @@ _ARRAY_TYPES = {
     "background": pa.float32(),
     "area_exposure_cm2_s": pa.float32(),
     "unfolded": pa.float32(),
+    "valid": pa.bool_(),
 }
+_MODEL_GRID_ARRAYS = ("area_exposure_cm2_s",)  # on the model grid (grid.extended()); the rest on the grid
 _SCALAR_TYPES = {
     "detid": pa.int64(),
     "srcid": pa.int64(),
@@ -363,20 +375,27 @@ _SCALAR_TYPES = {
 }
 
 
+def _array_sizes(grid: EnergyGrid) -> dict[str, int]:
+    n_model = grid.extended().n_bins
+    return {name: n_model if name in _MODEL_GRID_ARRAYS else grid.n_bins for name in _ARRAY_TYPES}
+
+
 def spectra_schema(grid: EnergyGrid) -> pa.Schema:
+    sizes = _array_sizes(grid)
     fields = [pa.field(name, kind) for name, kind in _SCALAR_TYPES.items()]
-    fields += [pa.field(name, pa.list_(kind, grid.n_bins)) for name, kind in _ARRAY_TYPES.items()]
+    fields += [pa.field(name, pa.list_(kind, sizes[name])) for name, kind in _ARRAY_TYPES.items()]
     return pa.schema(fields)
 
 
 def _spectra_table(records: list[dict], grid: EnergyGrid, metadata: dict) -> pa.Table:
     columns = {}
+    sizes = _array_sizes(grid)
     for name, kind in _SCALAR_TYPES.items():
         columns[name] = pa.array([record[name] for record in records], type=kind)
     for name, kind in _ARRAY_TYPES.items():
         values = np.concatenate([record[name] for record in records]) if records else np.zeros(0)
         flat = pa.array(values.astype(kind.to_pandas_dtype()), type=kind)
-        columns[name] = pa.FixedSizeListArray.from_arrays(flat, grid.n_bins)
+        columns[name] = pa.FixedSizeListArray.from_arrays(flat, sizes[name])
     schema = spectra_schema(grid).with_metadata({METADATA_KEY: json.dumps(metadata).encode()})
     return pa.Table.from_arrays(list(columns.values()), schema=schema)
 
@@ -525,7 +544,7 @@ def _sibling(spectrum: Path, kind: str) -> str:
 def write_responses(out_dir: Path, cache: ResponseCache) -> Path:
     """Write (or extend) out_dir/responses.parquet with every RMF the cache has compressed; atomic."""
     path = Path(out_dir) / RESPONSES_FILE
-    grid = cache.grid
+    grid, model_grid = cache.grid, cache.model_grid
     matrices = {rmf_id: matrix.ravel() for rmf_id, matrix in cache.responses().items()}
     if path.exists():
         existing = pq.read_table(path)
@@ -533,6 +552,9 @@ def write_responses(out_dir: Path, cache: ResponseCache) -> Path:
             existing["n_bins"][0].as_py() == grid.n_bins
             and existing["e_min_kev"][0].as_py() == grid.e_min_kev
             and existing["e_max_kev"][0].as_py() == grid.e_max_kev
+            and "model_bins_below" in existing.column_names
+            and existing["model_bins_below"][0].as_py() == model_grid.bins_below
+            and existing["model_bins_above"][0].as_py() == model_grid.bins_above
         )
         if same_grid:
             flat = existing["matrix"].combine_chunks().flatten().to_numpy().reshape(existing.num_rows, -1)
@@ -546,7 +568,9 @@ def write_responses(out_dir: Path, cache: ResponseCache) -> Path:
             "e_min_kev": pa.array([grid.e_min_kev] * len(ids), pa.float64()),
             "e_max_kev": pa.array([grid.e_max_kev] * len(ids), pa.float64()),
             "n_bins": pa.array([grid.n_bins] * len(ids), pa.int32()),
-            "matrix": pa.FixedSizeListArray.from_arrays(pa.array(values), grid.n_bins * grid.n_bins),
+            "model_bins_below": pa.array([model_grid.bins_below] * len(ids), pa.int32()),
+            "model_bins_above": pa.array([model_grid.bins_above] * len(ids), pa.int32()),
+            "matrix": pa.FixedSizeListArray.from_arrays(pa.array(values), grid.n_bins * model_grid.n_bins),
         }
     )
     write_parquet_atomic(path, table)
@@ -690,6 +714,8 @@ def spectrum_to_dataset(
         rmf_ids=[response.rmf_id],
         unfolded=arrays["unfolded"][None, :],
         meta=pd.DataFrame([meta]),
+        valid=arrays["valid"][None, :],
+        model_grid=cache.model_grid,
     )
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from xmm_pipeline.model.baselines import to_model_grid
 from xmm_pipeline.model.train import load_artifact
 from xmm_pipeline.model.vae import SpectraTensors, expected_counts, float32_tensor, poisson_deviance_per_dof
 
@@ -44,11 +45,13 @@ def test_trained_artifact_reconstructs_the_simulated_spectra(trained_artifact: P
 
 
 def _constant_shape_deviance(artifact, dataset) -> np.ndarray:
-    mean_unfolded = dataset.unfolded.mean(axis=0) / dataset.grid.centres_kev**2
+    """The mean unfolded shape on the model grid (held constant in E^2 flux beyond the band edges)."""
+    grid = dataset.model_grid
+    mean_unfolded = to_model_grid(dataset.unfolded.mean(axis=0), grid) / grid.centres_kev**2
     flux = np.tile(np.maximum(mean_unfolded, 1e-6 * mean_unfolded.max()), (len(dataset), 1))
     mu = expected_counts(float32_tensor(flux), SpectraTensors.from_dataset(dataset),
                          float32_tensor(dataset.rmf_matrices)).numpy()
-    return poisson_deviance_per_dof(dataset.counts, mu, artifact.config.latent_dim + 1)
+    return poisson_deviance_per_dof(dataset.counts, mu, artifact.config.latent_dim + 1, dataset.valid)
 
 
 def test_real_spectra_encode_and_reconstruct(trained_artifact: Path, real_pn_dir: Path) -> None:
