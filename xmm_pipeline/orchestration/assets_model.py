@@ -88,7 +88,7 @@ def validation_summary(dataset, artifact) -> dict[str, float]:
     return {
         "val_loss": math.nan if val_loss is None else float(val_loss),
         "vae_deviance_per_dof": float(np.mean(artifact.deviance_per_dof(validation))),
-        "pca_deviance_per_dof": float(np.mean(poisson_deviance_per_dof(validation.counts, pca, n_fitted))),
+        "pca_deviance_per_dof": float(np.mean(poisson_deviance_per_dof(validation.counts, pca, n_fitted, validation.valid))),
         "n_validation": len(validation),
     }
 
