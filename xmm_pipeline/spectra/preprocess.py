@@ -554,9 +554,10 @@ def write_responses(out_dir: Path, cache: ResponseCache) -> Path:
 
 
 def reason_category(reason: str) -> str:
-    """The problem part of a quarantine reason with file names and numbers removed, for counting."""
+    """The problem part of a quarantine reason (the path before ': ' dropped) with free-standing
+    numbers replaced by N, for counting; digits inside a name (epn_e3_ff20_sdY9.rmf) stay."""
     problem = reason.split(": ", 1)[1] if ": " in reason else reason
-    return re.sub(r"-?\d+(\.\d+)?(e[-+]?\d+)?", "N", problem)
+    return re.sub(r"(?<![\w.])-?\d+(\.\d+)?(e[-+]?\d+)?(?!\w)", "N", problem)
 
 
 def read_catalogue(archive_dir: Path) -> pd.DataFrame:
