@@ -146,9 +146,12 @@ def _counts_column(frame) -> str | None:
 
 def _embed(args: argparse.Namespace) -> int:
     from xmm_pipeline.latent.build import embed_and_build
+    from xmm_pipeline.progress import Progress
 
-    summary = embed_and_build(args.spectra, args.model, args.out, archive_dir=args.archive,
-                              tap_url=args.simbad_url, radius_arcsec=args.radius, force=args.force)
+    with Progress("embed", "spectra") as progress:
+        summary = embed_and_build(args.spectra, args.model, args.out, archive_dir=args.archive,
+                                  tap_url=args.simbad_url, radius_arcsec=args.radius, force=args.force,
+                                  progress=progress)
     state = "up to date, nothing to do" if summary.skipped else "written"
     print(f"{summary.n_detections} detections embedded with model {summary.model_version}: {state}")
     for label, path in summary.written.items():

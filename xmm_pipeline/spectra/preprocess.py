@@ -31,7 +31,7 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -572,13 +572,15 @@ def preprocess_archive(
     out_dir: Path,
     config: PreprocessConfig = PreprocessConfig(),
     cache: ResponseCache | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> PreprocessSummary:
     """Select, then preprocess observation by observation (memory flat), then write the run's tables.
 
     Writes out_dir/spectra/<obs_id>.parquet (unchanged observations skipped), responses.parquet,
     quarantine.parquet and selection.json; removes per-observation files of observations that no
     longer have a selected detection, so the folder always loads as this catalogue's dataset.
-    Pass a `cache` to share compressed RMFs across calls in one process.
+    Pass a `cache` to share compressed RMFs across calls in one process; `progress(done, total)` is
+    called with the selected detections handled after each observation.
     """
     started = time.perf_counter()
     archive_dir, out_dir = Path(archive_dir), Path(out_dir)
@@ -590,6 +592,7 @@ def preprocess_archive(
     drops: Counter[str] = Counter()
     obs_ids = []
     plain = selected.astype({name: object for name in selected.columns if selected[name].dtype == "string"})
+    handled = 0
     for obs_id, rows in plain.groupby("obs_id", sort=True):
         result = preprocess_observation(rows, archive_dir, out_dir, config, cache)
         obs_ids.append(str(obs_id))
@@ -597,6 +600,9 @@ def preprocess_archive(
         skipped += int(result.skipped)
         quarantine += result.quarantine
         drops.update(result.dropped)
+        handled += len(rows)
+        if progress is not None:
+            progress(handled, len(plain))
     kept = set(obs_ids)
     stale = [p for p in (out_dir / SPECTRA_SUBDIR).glob("*.parquet") if p.stem not in kept]
     for path in stale:
