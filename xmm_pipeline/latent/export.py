@@ -184,15 +184,18 @@ def write_table(table, path: str | Path, fmt: str) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UserError(f"{path.parent}: cannot create output folder ({error.strerror})") from None
-    with atomic_path(path) as tmp:
-        if fmt == "fits":
-            fits_hdul(table).writeto(tmp)
-        elif fmt == "votable":
-            Path(tmp).write_bytes(votable_bytes(table))
-        elif fmt == "parquet":
-            _to_pandas(table).to_parquet(tmp, index=False)
-        else:
-            _to_pandas(table).to_csv(tmp, index=False)
+    try:
+        with atomic_path(path) as tmp:
+            if fmt == "fits":
+                fits_hdul(table).writeto(tmp)
+            elif fmt == "votable":
+                Path(tmp).write_bytes(votable_bytes(table))
+            elif fmt == "parquet":
+                _to_pandas(table).to_parquet(tmp, index=False)
+            else:
+                _to_pandas(table).to_csv(tmp, index=False)
+    except OSError as error:
+        raise UserError(f"{path}: cannot write ({error.strerror or error})") from None
     return path
 
 

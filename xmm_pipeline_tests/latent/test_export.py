@@ -122,6 +122,18 @@ def test_export_without_products_is_one_line(tmp_path: Path, capsys: pytest.Capt
     assert list(tmp_path.iterdir()) == []
 
 
+def test_export_to_an_impossible_place_is_one_line(latent_dir: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert main(["export", "--latent", str(latent_dir), "--out", str(blocker / "cat.fits")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot create output folder" in err and err.count("\n") == 1
+    assert main(["outliers", "--latent", str(latent_dir), "--format", "votable",
+                 "--out", str(blocker / "o.vot")]) == 2
+    assert "cannot write" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", [["outliers", "-n", "5"], ["similar", "-k", "3"], ["trajectory"]])
 def test_latent_commands_write_votables(latent_dir: Path, tmp_path: Path, command: list[str],
                                         capsys: pytest.CaptureFixture[str]) -> None:
