@@ -278,7 +278,14 @@ def _outliers(args: argparse.Namespace) -> int:
         frame["class"] = frame["detid"].map(classes.set_index("detid")["class"]).fillna("unknown")
     if "mjd" in frame:
         frame.insert(frame.columns.get_loc("mjd"), "obs_date", _obs_date(frame["mjd"].to_numpy()).to_numpy())
-        frame = frame.drop(columns="mjd")
+    if args.format != "table" and layout.embeddings.is_file():  # positions for TOPCAT, Aladin, scripts
+        import pyarrow.parquet as pq
+
+        wanted = [c for c in ("ra", "dec") if c in pq.read_schema(layout.embeddings).names]
+        positions = pd.read_parquet(layout.embeddings, columns=["detid", *wanted]).set_index("detid")
+        at = frame.columns.get_loc("iauname") + 1 if "iauname" in frame else 1
+        for offset, column in enumerate(wanted):
+            frame.insert(at + offset, column, positions[column].reindex(frame["detid"]).to_numpy())
     _print(frame, args.format, args.out, "outliers")
     return 0
 

@@ -156,6 +156,10 @@ def test_latent_commands_write_votables(latent_dir: Path, tmp_path: Path, comman
     if command[0] == "outliers":
         assert len(table) == 5 and fields["outlier_score"].ucd == "stat.value"
         assert list(table["rank"]) == [1, 2, 3, 4, 5]
+        assert fields["ra"].ucd == "pos.eq.ra;meta.main" and fields["dec"].ucd == "pos.eq.dec;meta.main"
+        assert fields["mjd"].ucd == "time.epoch"
+        by_detid = embeddings.set_index("detid")
+        assert list(table["ra"]) == pytest.approx(list(by_detid.loc[list(table["detid"]), "ra"]))
     elif command[0] == "similar":
         assert len(table) == 3 * len(mover) and fields["distance"].ucd == "pos.distance;stat.value"
     else:
