@@ -227,3 +227,11 @@ def test_samp_without_a_listener_or_hub_is_one_line(samp_hub, latent_dir: Path, 
     assert not out.exists()
     assert main(["export", "--latent", str(latent_dir), "--samp", "--format", "csv"]) == 2
     assert "--samp sends a VOTable" in capsys.readouterr().err
+
+
+def test_cli_formats_match_the_writer() -> None:
+    from xmm_pipeline.cli.latent import EXPORT_FORMATS, EXPORT_SUFFIXES
+    from xmm_pipeline.latent.export import FORMATS, SUFFIXES
+
+    assert EXPORT_FORMATS == FORMATS and set(EXPORT_SUFFIXES.values()) == set(FORMATS)
+    assert all(EXPORT_SUFFIXES[SUFFIXES[fmt]] == fmt for fmt in FORMATS)
