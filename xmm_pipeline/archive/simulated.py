@@ -40,7 +40,7 @@ import json
 import math
 import multiprocessing
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -837,17 +837,28 @@ def _worker_count(workers: int | None, n_detections: int, n_chunks: int) -> int:
     return max(1, min(os.cpu_count() or 1, 4, n_chunks))
 
 
+def _reporting(results: Iterable[_ChunkResult], done: list[int],
+               progress: Callable[[int, int], None] | None) -> list[_ChunkResult]:
+    collected = []
+    for result in results:
+        collected.append(result)
+        if progress is not None:
+            progress(done[len(collected) - 1], done[-1])
+    return collected
+
+
 def simulate_archive(
     out_dir: str | Path,
     release: str = "DR14",
     n_detections: int = 2000,
     seed: int = 0,
     workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> SimulationSummary:
     """Write the simulated archive into `out_dir` (see the module docstring). Deterministic in
     (release, n_detections, seed) whatever the number of `workers` (processes; default: one for
     small archives, up to the CPU count for large ones); a finished archive with the same parameters
-    is not rewritten."""
+    is not rewritten. `progress(done, total)` is called with detections simulated after each chunk."""
     _check_parameters(release, n_detections, seed)
     out_dir = Path(out_dir)
     fingerprint = release_fingerprint(release, n_detections, seed)
@@ -880,12 +891,13 @@ def simulate_archive(
     chunks = _chunks(dr14_fields) + _chunks(new_fields)
     jobs = [(chunk, seed, out_dir) for chunk in chunks]
     n_workers = _worker_count(workers, n_detections, len(chunks))
+    done = np.cumsum([sum(len(obs.detections) for obs in chunk) for chunk in chunks]).tolist()
     if n_workers > 1:
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=n_workers, mp_context=context) as pool:
-            results = list(pool.map(_simulate_chunk, jobs))
+            results = _reporting(pool.map(_simulate_chunk, jobs), done, progress)
     else:
-        results = [_simulate_chunk(job) for job in jobs]
+        results = _reporting(map(_simulate_chunk, jobs), done, progress)
     catalogue_rows = [row for result in results for row in result.catalogue_rows]
     truth_rows = [row for result in results for row in result.truth_rows]
     rmfs_used = {rmf for result in results for rmf in result.rmfs_used}

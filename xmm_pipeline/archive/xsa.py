@@ -21,7 +21,7 @@ import shutil
 import time
 import uuid
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -444,11 +444,14 @@ class XSAArchive(Archive):
             for kind in ("SRSPEC", "BGSPEC", "SRCARF")
         ]
 
-    def fetch_observations(self, obs_ids: Sequence[str]) -> list[QuarantineRecord]:
+    def fetch_observations(
+        self, obs_ids: Sequence[str], progress: Callable[[int, int], None] | None = None
+    ) -> list[QuarantineRecord]:
         """Download the pn spectral products of these observations and the RMFs they name.
 
         Already complete observations cost no request; failures come back as quarantine records
         (stage 'download', reason with the URL, path = the URL) and the rest goes on.
+        `progress(done, total)` is called with the observations finished, in order.
         """
         wanted = list(dict.fromkeys(validate_obs_id(o) for o in obs_ids))
         self._staging = _claim_staging(self.root / PARTIAL_DIR)
@@ -458,10 +461,12 @@ class XSAArchive(Archive):
         respfiles: dict[str, list[str]] = {}
         with ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="xsa") as pool:
             results = pool.map(lambda o: self._fetch_observation(o, catalogue, detids), wanted)
-            for obs_id, (obs_records, obs_respfiles) in zip(wanted, results):
+            for done, (obs_id, (obs_records, obs_respfiles)) in enumerate(zip(wanted, results), start=1):
                 records.extend(obs_records)
                 for name in obs_respfiles:
                     respfiles.setdefault(name, []).append(obs_id)
+                if progress is not None:
+                    progress(done, len(wanted))
             records.extend(self._fetch_responses(respfiles, pool))
         _release_staging(self._staging)
         return records

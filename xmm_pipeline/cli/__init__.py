@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "trajectory": ("xmm_pipeline.cli.latent", "a source's path through latent space"),
     "show": ("xmm_pipeline.cli.latent", "a spectrum with its reconstruction"),
     "evaluate": ("xmm_pipeline.cli.latent", "write docs/EVALUATION.md with figures"),
+    "export": ("xmm_pipeline.cli.latent", "the latent catalogue as FITS, VOTable, Parquet, CSV or over SAMP"),
     "download": ("xmm_pipeline.cli.download", "fetch pn spectral products from the XSA"),
     "demo": ("xmm_pipeline.cli.demo", "run the whole Dagster pipeline on the embedded default"),
 }

@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from xmm_pipeline.archive.xsa import XSAArchive, validate_obs_id
+    from xmm_pipeline.progress import Progress
     from xmm_pipeline.storage import quarantine_frame, write_parquet_atomic
 
     obs_ids = [validate_obs_id(o) for o in args.obs_ids]
@@ -58,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     rows = archive.fetch_catalogue_rows(obs_ids)
     found = set(rows["obs_id"])
     missing = [o for o in obs_ids if o not in found]
-    records = archive.fetch_observations(obs_ids)
+    with Progress("download", "observations") as progress:
+        records = archive.fetch_observations(obs_ids, progress=progress)
     frame = quarantine_frame(records)
     path = args.out / QUARANTINE_FILE
     if len(frame):

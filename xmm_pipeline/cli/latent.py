@@ -1,4 +1,4 @@
-"""`xmm-pipeline embed | similar | outliers | trajectory | show | evaluate`: the latent products.
+"""`xmm-pipeline embed | similar | outliers | trajectory | show | evaluate | export`: the latent products.
 
 Every command reads or writes the latent folder laid out by `xmm_pipeline.latent.build`
 (default data/latent, where `xmm-pipeline demo` writes it). Errors a user can fix (unknown target, missing
@@ -13,6 +13,11 @@ import sys
 from pathlib import Path
 
 DEFAULT_LATENT = "data/latent"
+EXPORT_FORMATS = ("fits", "votable", "parquet", "csv")  # == latent.export.FORMATS, without its imports
+EXPORT_SUFFIXES = {".fits": "fits", ".fit": "fits", ".fts": "fits", ".vot": "votable", ".votable": "votable",
+                   ".xml": "votable", ".parquet": "parquet", ".csv": "csv"}
+MJD_COLUMN = re.compile(r"(^|_)mjd(_|$)")
+COUNT_COLUMNS = ("net_counts", "pn_8_cts", "total_counts", "counts")
 IAU_NAME = re.compile(r"^\s*(\d?XMM)\s*J\s*(\d{6}\.\d[+-]\d{6})\s*$", re.IGNORECASE)
 
 
@@ -43,7 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
                             help="folder for the comparison and baseline models (reused by reruns)")
         return
     parser.add_argument("--latent", default=DEFAULT_LATENT, help=f"latent folder (default {DEFAULT_LATENT})")
-    if name == "similar":
+    if name == "export":
+        parser.add_argument("--format", choices=EXPORT_FORMATS, default=None,
+                            help="file format (default: from the --out suffix, else votable)")
+        parser.add_argument("--out", help="file to write (default: LATENT/latent_catalogue.<suffix>)")
+        parser.add_argument("--samp", action="store_true",
+                            help="also send the table (VOTable) to the running SAMP hub: TOPCAT, Aladin")
+    elif name == "similar":
         parser.add_argument("target", nargs="?", help="IAU name (4XMM J192719.5+653354), srcid or detid")
         parser.add_argument("-k", type=int, default=20, help="neighbours per query detection (default 20)")
         parser.add_argument("--spectrum", help="a pn source spectrum (OGIP PHA) to use as the query")
@@ -69,23 +80,57 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def _add_format(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format")
+    parser.add_argument("--format", choices=["table", "csv", "json", "votable"], default="table",
+                        help="output format (votable: units and UCDs, for TOPCAT and Aladin)")
+    parser.add_argument("--out", help="write the output to this file instead of stdout")
 
 
 def run(args: argparse.Namespace) -> int:
     handlers = {"embed": _embed, "similar": _similar, "outliers": _outliers, "trajectory": _trajectory,
-                "show": _show, "evaluate": _evaluate}
+                "show": _show, "evaluate": _evaluate, "export": _export}
     return handlers[args.command](args)
 
 
-def _print(frame, fmt: str) -> None:
-    if fmt == "csv":
-        frame.to_csv(sys.stdout, index=False)
+def _print(frame, fmt: str, out: str | None = None, name: str = "xmm_pipeline") -> None:
+    """The table of a latent command as text (readable dates and counts), CSV, JSON or a VOTable with
+    units and UCDs; on stdout, or atomically into `out`."""
+    if fmt == "votable":
+        from xmm_pipeline.latent.export import table_from_frame, votable_bytes
+
+        text = votable_bytes(table_from_frame(frame, name)).decode("utf-8")
+    elif fmt == "csv":
+        text = frame.to_csv(index=False)
     elif fmt == "json":
-        sys.stdout.write(frame.to_json(orient="records", indent=1) + "\n")
+        text = frame.to_json(orient="records", indent=1) + "\n"
     else:
-        sys.stdout.write((frame.to_string(index=False, float_format=lambda v: f"{v:.4g}") if len(frame)
-                          else "(none)") + "\n")
+        text = (_readable(frame).to_string(index=False, float_format=lambda v: f"{v:.4g}") if len(frame)
+                else "(none)") + "\n"
+    if out is None:
+        sys.stdout.write(text)
+        return
+    from xmm_pipeline.errors import UserError
+    from xmm_pipeline.storage import write_bytes_atomic
+
+    try:
+        write_bytes_atomic(out, text.encode("utf-8"))
+    except OSError as error:
+        raise UserError(f"{out}: cannot write ({error.strerror})") from None
+    print(f"{len(frame)} rows written to {out}", file=sys.stderr)
+
+
+def _readable(frame):
+    """For the text table: MJDs as calendar dates (dropped beside an obs_date), counts as integers."""
+    frame = frame.copy()
+    for column in [c for c in frame.columns if MJD_COLUMN.search(str(c))]:
+        dated = MJD_COLUMN.sub(lambda m: f"{m[1]}date{m[2]}", str(column))
+        if dated == "date" and "obs_date" in frame:
+            frame = frame.drop(columns=column)
+            continue
+        frame[column] = _obs_date(frame[column].to_numpy()).to_numpy()
+        frame = frame.rename(columns={column: "obs_date" if dated == "date" else dated})
+    for column in [c for c in COUNT_COLUMNS if c in frame]:
+        frame[column] = frame[column].round().astype("Int64")
+    return frame
 
 
 def _obs_date(mjd):
@@ -101,9 +146,12 @@ def _counts_column(frame) -> str | None:
 
 def _embed(args: argparse.Namespace) -> int:
     from xmm_pipeline.latent.build import embed_and_build
+    from xmm_pipeline.progress import Progress
 
-    summary = embed_and_build(args.spectra, args.model, args.out, archive_dir=args.archive,
-                              tap_url=args.simbad_url, radius_arcsec=args.radius, force=args.force)
+    with Progress("embed", "spectra") as progress:
+        summary = embed_and_build(args.spectra, args.model, args.out, archive_dir=args.archive,
+                                  tap_url=args.simbad_url, radius_arcsec=args.radius, force=args.force,
+                                  progress=progress)
     state = "up to date, nothing to do" if summary.skipped else "written"
     print(f"{summary.n_detections} detections embedded with model {summary.model_version}: {state}")
     for label, path in summary.written.items():
@@ -192,7 +240,8 @@ def _similar(args: argparse.Namespace) -> int:
         else:
             same_source = set(embeddings.loc[embeddings["srcid"].isin(rows["srcid"]), "detid"].tolist())
             exclude = [same_source] * len(rows)
-    _print(_neighbour_table(embeddings, classes, latent_index, vectors, labels, exclude, args.k), args.format)
+    _print(_neighbour_table(embeddings, classes, latent_index, vectors, labels, exclude, args.k), args.format,
+           args.out, "similar")
     return 0
 
 
@@ -229,8 +278,15 @@ def _outliers(args: argparse.Namespace) -> int:
         frame["class"] = frame["detid"].map(classes.set_index("detid")["class"]).fillna("unknown")
     if "mjd" in frame:
         frame.insert(frame.columns.get_loc("mjd"), "obs_date", _obs_date(frame["mjd"].to_numpy()).to_numpy())
-        frame = frame.drop(columns="mjd")
-    _print(frame, args.format)
+    if args.format != "table" and layout.embeddings.is_file():  # positions for TOPCAT, Aladin, scripts
+        import pyarrow.parquet as pq
+
+        wanted = [c for c in ("ra", "dec") if c in pq.read_schema(layout.embeddings).names]
+        positions = pd.read_parquet(layout.embeddings, columns=["detid", *wanted]).set_index("detid")
+        at = frame.columns.get_loc("iauname") + 1 if "iauname" in frame else 1
+        for offset, column in enumerate(wanted):
+            frame.insert(at + offset, column, positions[column].reindex(frame["detid"]).to_numpy())
+    _print(frame, args.format, args.out, "outliers")
     return 0
 
 
@@ -252,7 +308,7 @@ def _trajectory(args: argparse.Namespace) -> int:
     table.insert(2, "obs_date", _obs_date(table["mjd"].to_numpy()).to_numpy())
     if args.plot:
         plot_trajectories(embeddings, [int(srcids[0])], args.plot, layout.read_classes())
-    _print(table, args.format)
+    _print(table, args.format, args.out, f"trajectory_{int(srcids[0])}")
     if args.plot:
         print(f"plot written to {args.plot}", file=sys.stderr)
     return 0
@@ -303,4 +359,26 @@ def _evaluate(args: argparse.Namespace) -> int:
     report = write_evaluation_report(args.archive, args.spectra, args.model, args.out, latent_dims=dims,
                                      max_epochs=args.epochs, work_dir=args.work, training_seeds=args.seeds)
     print(f"evaluation written to {report}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from contextlib import nullcontext
+
+    from xmm_pipeline.errors import UserError
+    from xmm_pipeline.latent import export
+
+    suffix_format = EXPORT_SUFFIXES.get(Path(args.out).suffix.lower()) if args.out else None
+    fmt = args.format or suffix_format or "votable"
+    if args.samp and fmt != "votable":
+        raise UserError(f"--samp sends a VOTable; use --format votable (not {fmt})")
+    out = Path(args.out) if args.out else Path(args.latent) / f"latent_catalogue{export.SUFFIXES[fmt]}"
+    frame = export.latent_catalogue(args.latent)
+    description = (f"XMM-Newton EPIC-pn latent catalogue of {Path(args.latent).resolve()}: one row per "
+                   f"detection, model {frame.attrs.get('model_version', '')}")
+    with export.samp_sender() if args.samp else nullcontext() as send:
+        export.write_table(export.table_from_frame(frame, "latent_catalogue", description), out, fmt)
+        print(f"{len(frame)} detections written to {out} ({fmt})")
+        if send is not None:
+            print(f"sent over SAMP to {', '.join(send(out, 'latent_catalogue'))}")
     return 0

@@ -25,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from xmm_pipeline.progress import Progress
     from xmm_pipeline.spectra.preprocess import PreprocessConfig, preprocess_archive
 
     if not args.archive.is_dir():
@@ -38,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UserError(f"{args.out}: cannot create output folder ({error.strerror})") from None
-    summary = preprocess_archive(args.archive, args.out, config)
+    with Progress("preprocess", "spectra") as progress:
+        summary = preprocess_archive(args.archive, args.out, config, progress=progress)
     for line in summary.lines():
         print(line)
     print(f"spectra in {args.out} ({summary.seconds:.1f} s)")

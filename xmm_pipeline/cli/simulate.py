@@ -17,12 +17,15 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from xmm_pipeline.archive.simulated import simulate_archive
+    from xmm_pipeline.progress import Progress
 
     if args.detections <= 0:
         raise UserError(f"--detections must be a positive number, got {args.detections}")
     if args.seed < 0:
         raise UserError(f"--seed must be non-negative, got {args.seed}")
-    summary = simulate_archive(args.out, release=args.release, n_detections=args.detections, seed=args.seed)
+    with Progress("simulate", "detections") as progress:
+        summary = simulate_archive(args.out, release=args.release, n_detections=args.detections,
+                                   seed=args.seed, progress=progress)
     state = "already present" if summary.skipped else "written"
     print(
         f"simulated {summary.release} archive {state} in {summary.out_dir}: "

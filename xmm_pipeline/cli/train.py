@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+EPOCH_HEADER = "  epoch   train loss     val loss   val deviance/dof"  # as loss_curve_summary's
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str = "train") -> None:
@@ -58,12 +63,40 @@ def loss_curve_summary(history: list[dict[str, float]], n_points: int = 8) -> li
     return lines
 
 
+def epoch_printer(progress: Callable[[int, int], None], max_epochs: int, first: int = 10,
+                  every_s: float = 10.0, clock: Callable[[], float] = time.monotonic):
+    """`on_epoch_end` for train_model: each row to `progress`, and the loss table printed as it grows
+    (the first `first` evaluated epochs, then one every `every_s` seconds, and the last)."""
+    state = {"printed": 0, "last": -math.inf}
+
+    def on_epoch_end(row: dict[str, float]) -> None:
+        progress(int(row["epoch"]), max_epochs)
+        now = clock()
+        if "val_loss" not in row or not (state["printed"] < first or now - state["last"] >= every_s
+                                         or row["epoch"] >= max_epochs):
+            return
+        lines = [EPOCH_HEADER] if state["printed"] == 0 else []
+        lines.append(f"  {row['epoch']:5d} {row['train_loss']:12.2f} {row['val_loss']:12.2f} "
+                     f"{row['val_deviance_per_dof']:18.3f}")
+        note = getattr(progress, "note", None)
+        for line in lines:
+            if note is not None:
+                note(line)
+            else:
+                print(line, flush=True)
+        state["printed"] += 1
+        state["last"] = now
+
+    return on_epoch_end
+
+
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from xmm_pipeline.errors import UserError
     from xmm_pipeline.model.train import TrainConfig, pick_device, train_model
     from xmm_pipeline.model.vae import VAE, VAEConfig, count_parameters
+    from xmm_pipeline.progress import Progress
     from xmm_pipeline.spectra.dataset import load_dataset
 
     for option in ("epochs", "latent_dim", "batch_size", "patience"):
@@ -84,8 +117,11 @@ def run(args: argparse.Namespace) -> int:
     train_config = replace(defaults, **{k: v for k, v in overrides.items() if v is not None})
     print(f"training a VAE with {count_parameters(VAE(model_config)):,} parameters on {len(dataset)} spectra "
           f"({device}, up to {train_config.max_epochs} epochs)")
-    result = train_model(dataset, args.out, model_config, train_config,
-                         preprocessing=preprocessing_settings(args.spectra))
+    with Progress("train", "epochs") as progress:
+        result = train_model(dataset, args.out, model_config, train_config,
+                             preprocessing=preprocessing_settings(args.spectra),
+                             on_epoch_end=epoch_printer(progress, train_config.max_epochs))
+    print("loss curve, sampled:")
     print("\n".join(loss_curve_summary(result.history)))
     if result.resumed_from_epoch:
         print(f"resumed from the checkpoint at epoch {result.resumed_from_epoch}")

@@ -19,6 +19,7 @@ it and does no work; a crashed run leaves no manifest and is redone.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,8 +173,10 @@ def embed_and_build(
     tap_url: str | None = None,
     radius_arcsec: float = 5.0,
     force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> EmbedSummary:
-    """Encode every spectrum with the model and write all latent products; no work if up to date."""
+    """Encode every spectrum with the model and write all latent products; no work if up to date.
+    `progress(done, total)` follows the encoding (see `embed_dataset`)."""
     from xmm_pipeline.model.train import load_artifact
     from xmm_pipeline.spectra.dataset import load_dataset
 
@@ -185,7 +188,7 @@ def embed_and_build(
     if not force and manifest.get("fingerprint") == fingerprint and layout.embeddings.is_file():
         return EmbedSummary(True, int(manifest["n_detections"]), artifact.version,
                             {k: Path(v) for k, v in manifest["written"].items()})
-    embeddings = embed_dataset(artifact, load_dataset(spectra_dir))
+    embeddings = embed_dataset(artifact, load_dataset(spectra_dir), progress)
     write_embeddings(embeddings, layout.embeddings)
     classes = source_classes(embeddings, archive, tap_url, radius_arcsec)
     written = {"embeddings": layout.embeddings, **build_products(embeddings, classes, layout)}

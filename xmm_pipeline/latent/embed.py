@@ -9,6 +9,7 @@ version hash of the model that produced it (`model_version`).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -21,6 +22,7 @@ from xmm_pipeline.spectra.dataset import SpectralDataset
 from xmm_pipeline.storage import write_parquet_atomic
 
 REQUIRED_META = ("detid", "srcid", "mjd")
+EMBED_CHUNK = 8192  # spectra encoded per part: bounds the memory of one part, paces the progress
 IDENTITY_COLUMNS = (
     "detid", "srcid", "iauname", "obs_id", "src_num", "ra", "dec", "mjd", "pn_filter", "exposure_s",
     "pn_8_cts", "net_counts", "total_counts", "log10_flux", "ep_hr1", "ep_hr2", "ep_hr3", "ep_hr4",
@@ -84,11 +86,26 @@ def embeddings_frame(
     return frame
 
 
-def embed_dataset(artifact: Encoder, dataset: SpectralDataset) -> pd.DataFrame:
-    """Encode every spectrum of `dataset` with `artifact`: one embeddings row per detection."""
-    mu, logvar = artifact.encode(dataset)
-    deviance = artifact.deviance_per_dof(dataset)
-    return embeddings_frame(dataset.meta, mu, logvar, deviance, artifact.version)
+def embed_dataset(
+    artifact: Encoder, dataset: SpectralDataset, progress: Callable[[int, int], None] | None = None
+) -> pd.DataFrame:
+    """Encode every spectrum of `dataset` with `artifact`: one embeddings row per detection.
+    `progress(done, total)` is called with the spectra encoded after each part of EMBED_CHUNK."""
+    n_rows = len(dataset)
+    parts = [dataset] if n_rows <= EMBED_CHUNK else [
+        dataset.subset(np.arange(start, min(start + EMBED_CHUNK, n_rows)))
+        for start in range(0, n_rows, EMBED_CHUNK)]
+    mus, logvars, deviances, done = [], [], [], 0
+    for part in parts:
+        mu, logvar = artifact.encode(part)
+        mus.append(mu)
+        logvars.append(logvar)
+        deviances.append(np.asarray(artifact.deviance_per_dof(part)).reshape(-1))
+        done += len(part)
+        if progress is not None:
+            progress(done, n_rows)
+    return embeddings_frame(dataset.meta, np.concatenate(mus), np.concatenate(logvars),
+                            np.concatenate(deviances), artifact.version)
 
 
 def write_embeddings(frame: pd.DataFrame, path: str | Path) -> Path:

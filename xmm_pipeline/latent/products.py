@@ -311,24 +311,52 @@ def plot_trajectories(
     projection: MapProjection | None = None,
 ) -> Path:
     """Paths of the given sources (time-ordered, arrow at the last step) over the latent density map."""
+    return save_png(trajectory_figure(embeddings, srcids, classes, projection), path)
+
+
+def trajectory_figure(
+    embeddings: pd.DataFrame,
+    srcids: list[int],
+    classes: pd.DataFrame | None = None,
+    projection: MapProjection | None = None,
+) -> Figure:
+    """The trajectory map: each path starts at an open square and ends with a filled arrowhead on its
+    latest step (a fixed size in points, so a short step still shows its direction), drawn above the
+    lines; the axes grow to hold every path, even one far outside the bulk of the density."""
     vectors = latent_matrix(embeddings)
     projection = projection or MapProjection.fit(vectors)
     figure = Figure(figsize=(6.8, 5.4))
     axes, _ = _density_axes(figure, projection(vectors), projection.axis_labels, cmap="Greys")
     class_of = dict(zip(classes["detid"], classes["class"], strict=False)) if classes is not None else {}
     colours = [f"C{i % 10}" for i in range(len(srcids))]
+    drawn = []
     for colour, srcid in zip(colours, srcids):
         points = trajectory_points(embeddings, srcid)
         xy = projection(latent_matrix(points))
+        drawn.append(xy)
         name = str(points["iauname"].iloc[0]) if "iauname" in points else str(srcid)
         label = f"{name} [{class_of.get(int(points['detid'].iloc[0]), '')}]".replace(" []", "")
-        axes.plot(xy[:, 0], xy[:, 1], "-o", color=colour, ms=3, lw=1.2, label=label)
+        axes.plot(xy[:, 0], xy[:, 1], "-o", color=colour, ms=3, lw=1.2, label=label, zorder=3)
+        axes.plot(xy[:1, 0], xy[:1, 1], "s", mfc="white", mec=colour, ms=6, mew=1.3, zorder=4)
         if len(xy) >= 2:
-            axes.annotate("", xy=tuple(xy[-1]), xytext=tuple(xy[-2]),
-                          arrowprops={"arrowstyle": "->", "color": colour, "lw": 1.5})
-    axes.legend(loc="best", fontsize=6, frameon=False)
+            axes.annotate("", xy=tuple(xy[-1]), xytext=tuple(xy[-2]), annotation_clip=False, zorder=5,
+                          arrowprops={"arrowstyle": "-|>", "color": colour, "lw": 1.5, "mutation_scale": 16,
+                                      "shrinkA": 0, "shrinkB": 0})
+    if drawn:
+        _include(axes, np.concatenate(drawn))
+    axes.legend(loc="best", fontsize=6, frameon=False, title="open square = first detection",
+                title_fontsize=6)
     axes.set_title("Latent trajectories (time order, arrow = latest step)")
-    return save_png(figure, path)
+    return figure
+
+
+def _include(axes, points: np.ndarray) -> None:
+    """Widen the axes limits (never narrow them) to hold `points`, with a margin where widened."""
+    for limits, set_limits, values in ((axes.get_xlim(), axes.set_xlim, points[:, 0]),
+                                       (axes.get_ylim(), axes.set_ylim, points[:, 1])):
+        low, high = min(limits[0], values.min()), max(limits[1], values.max())
+        pad = 0.04 * (high - low)
+        set_limits(low - pad if low < limits[0] else low, high + pad if high > limits[1] else high)
 
 
 def plot_reconstruction(

@@ -34,7 +34,7 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -578,9 +578,10 @@ def write_responses(out_dir: Path, cache: ResponseCache) -> Path:
 
 
 def reason_category(reason: str) -> str:
-    """The problem part of a quarantine reason with file names and numbers removed, for counting."""
+    """The problem part of a quarantine reason (the path before ': ' dropped) with free-standing
+    numbers replaced by N, for counting; digits inside a name (epn_e3_ff20_sdY9.rmf) stay."""
     problem = reason.split(": ", 1)[1] if ": " in reason else reason
-    return re.sub(r"-?\d+(\.\d+)?(e[-+]?\d+)?", "N", problem)
+    return re.sub(r"(?<![\w.])-?\d+(\.\d+)?(e[-+]?\d+)?(?!\w)", "N", problem)
 
 
 def read_catalogue(archive_dir: Path) -> pd.DataFrame:
@@ -595,13 +596,15 @@ def preprocess_archive(
     out_dir: Path,
     config: PreprocessConfig = PreprocessConfig(),
     cache: ResponseCache | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> PreprocessSummary:
     """Select, then preprocess observation by observation (memory flat), then write the run's tables.
 
     Writes out_dir/spectra/<obs_id>.parquet (unchanged observations skipped), responses.parquet,
     quarantine.parquet and selection.json; removes per-observation files of observations that no
     longer have a selected detection, so the folder always loads as this catalogue's dataset.
-    Pass a `cache` to share compressed RMFs across calls in one process.
+    Pass a `cache` to share compressed RMFs across calls in one process; `progress(done, total)` is
+    called with the selected detections handled after each observation.
     """
     started = time.perf_counter()
     archive_dir, out_dir = Path(archive_dir), Path(out_dir)
@@ -613,6 +616,7 @@ def preprocess_archive(
     drops: Counter[str] = Counter()
     obs_ids = []
     plain = selected.astype({name: object for name in selected.columns if selected[name].dtype == "string"})
+    handled = 0
     for obs_id, rows in plain.groupby("obs_id", sort=True):
         result = preprocess_observation(rows, archive_dir, out_dir, config, cache)
         obs_ids.append(str(obs_id))
@@ -620,6 +624,9 @@ def preprocess_archive(
         skipped += int(result.skipped)
         quarantine += result.quarantine
         drops.update(result.dropped)
+        handled += len(rows)
+        if progress is not None:
+            progress(handled, len(plain))
     kept = set(obs_ids)
     stale = [p for p in (out_dir / SPECTRA_SUBDIR).glob("*.parquet") if p.stem not in kept]
     for path in stale:
