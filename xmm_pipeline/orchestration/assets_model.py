@@ -85,10 +85,11 @@ def validation_summary(dataset, artifact) -> dict[str, float]:
         validation, artifact.config.norm_iterations
     )
     val_loss = artifact.description.get("history_summary", {}).get("best_val_loss")
+    pca_deviance = poisson_deviance_per_dof(validation.counts, pca, n_fitted, validation.valid)
     return {
         "val_loss": math.nan if val_loss is None else float(val_loss),
         "vae_deviance_per_dof": float(np.mean(artifact.deviance_per_dof(validation))),
-        "pca_deviance_per_dof": float(np.mean(poisson_deviance_per_dof(validation.counts, pca, n_fitted, validation.valid))),
+        "pca_deviance_per_dof": float(np.mean(pca_deviance)),
         "n_validation": len(validation),
     }
 
