@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dagster import AssetKey, DagsterInstance
 
 from xmm_pipeline.definitions import build_definitions
-from xmm_pipeline.orchestration.inprocess import materialise_everything, tick_release_sensor
+from xmm_pipeline.orchestration.inprocess import ingest_release, materialise_everything, tick_release_sensor
 from xmm_pipeline.orchestration.resources import ArchiveResource, ComputeResource, ModelSettings
 
 
@@ -69,13 +69,13 @@ def main() -> None:
         assert full.success
         full_partitions = partitions_in_runs(instance, {full.run_id})
 
-        cursor = tick_release_sensor(dr14, instance, None).cursor
+        cursor = ingest_release(dr14, instance, None).cursor
         start = time.perf_counter()
         dr15.resources["archive"].get_archive().fetch_catalogue()
         simulate15_s = time.perf_counter() - start
 
         start = time.perf_counter()
-        ingest = tick_release_sensor(dr15, instance, cursor)
+        ingest = ingest_release(dr15, instance, cursor)
         reembed = tick_release_sensor(dr15, instance, ingest.cursor)
         incremental_s = time.perf_counter() - start
         runs = ingest.runs + reembed.runs

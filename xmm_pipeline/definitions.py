@@ -7,13 +7,18 @@ Every resource value can be overridden per run (launchpad or `-c run_config.yaml
     resources:
       storage: {config: {root: /data/xmm}}
       archive: {config: {kind: xsa, root: /data/xmm/archive}}
+
+Every job runs with `executors.xmm_executor`: Dagster's multiprocess executor unless the run config
+chooses `in_process` or a Dask cluster (`execution: {config: {dask: {cluster: {existing: {address:
+tcp://scheduler:8786}}}}}`); `build_definitions(executor=...)` binds another (e.g. that one
+`.configured(...)`, for the runs the sensor and the schedule launch).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from dagster import Definitions, load_asset_checks_from_modules, load_assets_from_modules
+from dagster import Definitions, ExecutorDefinition, load_asset_checks_from_modules, load_assets_from_modules
 
 from xmm_pipeline.orchestration import (
     assets_archive,
@@ -23,6 +28,7 @@ from xmm_pipeline.orchestration import (
     automation,
     checks,
 )
+from xmm_pipeline.orchestration.executors import xmm_executor
 from xmm_pipeline.orchestration.resources import (
     ArchiveResource,
     ComputeResource,
@@ -40,6 +46,7 @@ def build_definitions(
     archive: ArchiveResource | None = None,
     model: ModelSettings | None = None,
     compute: ComputeResource | None = None,
+    executor: ExecutorDefinition = xmm_executor,
 ) -> Definitions:
     storage = StorageResource(root=str(storage_root))
     return Definitions(
@@ -48,6 +55,7 @@ def build_definitions(
         jobs=automation.JOBS,
         schedules=automation.SCHEDULES,
         sensors=automation.SENSORS,
+        executor=executor,
         resources={
             "storage": storage,
             "archive": archive or ArchiveResource(root=str(Path(storage_root) / "archive")),

@@ -5,9 +5,10 @@
 - `reembed`: embeddings, index and latent products with the current model; it also runs the check
   that shows the model stale relative to the data.
 - `all`: everything.
-The sensor turns a new catalogue release into `ingest` runs for the new and changed observations,
-then one `reembed` run once those have succeeded. The schedule re-embeds when spectra changed since
-the last embedding and skips with a reason otherwise.
+The sensor turns a new catalogue release into one `ingest` run of its catalogue (the tick itself
+only fingerprints the release), then `ingest` runs of `pn_spectra` for the new and changed
+observations, then one `reembed` run once those have succeeded. The schedule re-embeds when spectra
+changed since the last embedding and skips with a reason otherwise.
 """
 
 import json
@@ -18,6 +19,7 @@ from dagster import (
     AssetKey,
     AssetObservation,
     AssetSelection,
+    DagsterEventType,
     DagsterInstance,
     DagsterRunStatus,
     DefaultScheduleStatus,
@@ -46,14 +48,18 @@ from xmm_pipeline.orchestration.assets_spectra import (
 from xmm_pipeline.orchestration.checks import model_trained_on_current_data
 from xmm_pipeline.orchestration.partitions import (
     OBSERVATION_PARTITIONS_NAME,
-    changed_observations,
     contiguous_ranges,
     observation_manifest,
-    observation_partitions,
+    observations_to_ingest,
 )
 from xmm_pipeline.orchestration.resources import ArchiveResource, StorageResource
 
 RANGE_START_TAG = "dagster/asset_partition_range_start"
+STEP_TAG = "xmm/ingest-step"
+CATALOGUE_STEP, SPECTRA_STEP = "catalogue", "spectra"
+CATALOGUE_ASSETS = [detections.key, selected_detections.key]
+# The sensor advances a release one stage per tick; idle ticks only fingerprint the release.
+SENSOR_INTERVAL_S = 600
 RANGE_END_TAG = "dagster/asset_partition_range_end"
 RELEASE_TAG = "xmm/release"
 DATA_VERSION_TAG = "dagster/data_version"
@@ -88,11 +94,16 @@ def partition_range_tags(start: str, end: str) -> dict[str, str]:
 
 @dataclass
 class ReleaseCursor:
-    """What the release sensor remembers between ticks."""
+    """What the release sensor remembers between ticks.
+
+    `stage` says what the pending release waits for: its catalogue run (`catalogue`), then its
+    partition runs (`spectra`, the ranges in `pending_ranges`).
+    """
 
     fingerprint: str = ""
     pending_fingerprint: str = ""
     pending_ranges: list[list[str]] = field(default_factory=list)
+    stage: str = ""
 
     @classmethod
     def parse(cls, text: str | None) -> "ReleaseCursor":
@@ -106,33 +117,52 @@ def release_tag(fingerprint: str) -> str:
     return fingerprint[:63]
 
 
-def plan_release(
-    instance: DagsterInstance, storage: StorageResource, catalogue: pd.DataFrame
-) -> tuple[list[str], list[tuple[str, str]]]:
-    """New observations to register, and the partition ranges to ingest for a new release.
-
-    An observation is ingested when it is new, when its selected catalogue rows changed since the
-    last ingest (the manifest written by `selected_detections`), when it was never materialised, or
-    when it lost all its selected detections (its spectra file is then removed).
-    """
+def release_observations(catalogue: pd.DataFrame) -> list[str]:
+    """The observations with at least one selected detection in a catalogue (sorted)."""
     from xmm_pipeline.spectra.preprocess import PreprocessConfig, select_detections
 
     selected, _ = select_detections(as_canonical(catalogue), PreprocessConfig())
-    manifest = observation_manifest(selected)
-    previous = pd.read_parquet(storage.observations_path) if storage.observations_path.exists() else None
+    return sorted(set(observation_manifest(selected)["obs_id"]))
+
+
+def catalogue_clock(instance: DagsterInstance, run_ids: set[str]) -> dict[str, int]:
+    """Storage id of the `selected_detections` materialisation of each of these runs."""
+    clock: dict[str, int] = {}
+    cursor = None
+    while run_ids - set(clock):
+        result = instance.fetch_materializations(
+            selected_detections.key, limit=1000, cursor=cursor, ascending=False
+        )
+        clock.update({r.run_id: r.storage_id for r in result.records if r.run_id in run_ids})
+        if not result.has_more:
+            break
+        cursor = result.cursor
+    return clock
+
+
+def plan_ingest(instance: DagsterInstance, storage: StorageResource) -> list[tuple[str, str]]:
+    """Partition ranges to ingest after a catalogue run: from the manifest it wrote and the event log.
+
+    An observation is ingested when it is new or was never materialised, when its selected rows
+    changed after its partition was last materialised, or when it lost all its selected detections
+    since (its spectra file is then removed). Reads one small table and asks the instance two
+    questions: cheap enough for a sensor tick at 10^4 observations.
+    """
+    manifest = pd.read_parquet(storage.observations_path)
+    runs = set(manifest["changed_in"]) - {""} if "changed_in" in manifest else set()
+    ingested = instance.event_log_storage.get_latest_storage_id_by_partition(
+        pn_spectra.key, DagsterEventType.ASSET_MATERIALIZATION
+    )
+    wanted = observations_to_ingest(manifest, catalogue_clock(instance, runs), dict(ingested))
     known = list(instance.get_dynamic_partitions(OBSERVATION_PARTITIONS_NAME))
-    new = sorted(set(manifest["obs_id"]) - set(known))
-    materialised = instance.get_materialized_partitions(pn_spectra.key)
-    wanted = set(changed_observations(previous, manifest))
-    wanted |= {o for o in manifest["obs_id"] if o not in materialised}
-    if previous is not None:
-        wanted |= set(previous["obs_id"]) - set(manifest["obs_id"])
-    ranges = contiguous_ranges(known + new, sorted(wanted), MAX_OBSERVATIONS_PER_RUN)
-    return new, ranges
+    return contiguous_ranges(known, wanted, MAX_OBSERVATIONS_PER_RUN)
 
 
 def ingest_outcome(instance: DagsterInstance, fingerprint: str, ranges: list[list[str]]) -> str:
-    """'succeeded' when every range has a successful ingest run, 'failed' if one failed, else 'running'."""
+    """'succeeded' when every range has a successful ingest run, 'failed' if one failed, else 'running'.
+
+    The catalogue run of a release is the range ("", ""): it carries no partition tags.
+    """
     runs = instance.get_runs(
         RunsFilter(job_name=ingest_job.name, tags={RELEASE_TAG: release_tag(fingerprint)})
     )
@@ -158,65 +188,110 @@ def model_exists(instance: DagsterInstance) -> bool:
     return latest_materialization_id(instance, vae_model.key) is not None
 
 
+def catalogue_run_request(fingerprint: str) -> RunRequest:
+    """The `ingest` run of a release's catalogue only: `detections` and `selected_detections`."""
+    return RunRequest(
+        run_key=f"catalogue:{fingerprint}",
+        job_name=ingest_job.name,
+        asset_selection=CATALOGUE_ASSETS,
+        tags={RELEASE_TAG: release_tag(fingerprint), STEP_TAG: CATALOGUE_STEP, **INGEST_TAG},
+    )
+
+
+def spectra_run_requests(fingerprint: str, ranges: list[tuple[str, str]]) -> list[RunRequest]:
+    """One `ingest` run of `pn_spectra` only per partition range (the catalogue is already there)."""
+    return [
+        RunRequest(
+            run_key=f"ingest:{fingerprint}:{start}:{end}",
+            job_name=ingest_job.name,
+            asset_selection=[pn_spectra.key],
+            tags={
+                **partition_range_tags(start, end),
+                RELEASE_TAG: release_tag(fingerprint),
+                STEP_TAG: SPECTRA_STEP,
+                **INGEST_TAG,
+            },
+        )
+        for start, end in ranges
+    ]
+
+
+def _after_catalogue(context: SensorEvaluationContext, storage: StorageResource, cursor: ReleaseCursor):
+    pending = cursor.pending_fingerprint
+    outcome = ingest_outcome(context.instance, pending, [["", ""]])
+    if outcome == "running":
+        return SkipReason(f"waiting for the catalogue run of release {pending[:24]}")
+    if outcome == "failed":
+        return SkipReason(f"the catalogue run of release {pending[:24]} failed: re-execute it")
+    ranges = plan_ingest(context.instance, storage)
+    if not ranges:
+        cursor.pending_fingerprint, cursor.pending_ranges, cursor.stage = "", [], ""
+        return SensorResult(
+            skip_reason=f"release {pending[:24]}: no observation new or changed", cursor=cursor.dump()
+        )
+    cursor.pending_ranges, cursor.stage = [list(r) for r in ranges], SPECTRA_STEP
+    return SensorResult(run_requests=spectra_run_requests(pending, ranges), cursor=cursor.dump())
+
+
+def _after_spectra(context: SensorEvaluationContext, cursor: ReleaseCursor):
+    outcome = ingest_outcome(context.instance, cursor.pending_fingerprint, cursor.pending_ranges)
+    if outcome == "running":
+        return SkipReason(f"waiting for {len(cursor.pending_ranges)} ingest run(s) of the new release")
+    if outcome == "failed":
+        return SkipReason("an ingest run of the new release failed: re-execute it; re-embedding waits")
+    pending = cursor.pending_fingerprint
+    cursor.pending_fingerprint, cursor.pending_ranges, cursor.stage = "", [], ""
+    if not model_exists(context.instance):
+        return SensorResult(
+            skip_reason="release ingested; no trained model yet: launch `retrain` (never automatic)",
+            cursor=cursor.dump(),
+        )
+    return SensorResult(
+        run_requests=[
+            RunRequest(
+                run_key=f"reembed:{pending}",
+                job_name=reembed_job.name,
+                tags={RELEASE_TAG: release_tag(pending)},
+            )
+        ],
+        cursor=cursor.dump(),
+    )
+
+
 @sensor(
     jobs=[ingest_job, reembed_job],
-    minimum_interval_seconds=3600,
+    minimum_interval_seconds=SENSOR_INTERVAL_S,
     default_status=DefaultSensorStatus.STOPPED,
-    description="On a new catalogue release: ingest new and changed observations, then re-embed.",
+    description="On a new catalogue release: fetch its catalogue, ingest new and changed observations, "
+    "then re-embed (one run stage per tick).",
 )
 def catalogue_release_sensor(
     context: SensorEvaluationContext, archive: ArchiveResource, storage: StorageResource
 ) -> SensorResult | SkipReason:
-    cursor = ReleaseCursor.parse(context.cursor)
-    if cursor.pending_fingerprint:
-        outcome = ingest_outcome(context.instance, cursor.pending_fingerprint, cursor.pending_ranges)
-        if outcome == "running":
-            return SkipReason(f"waiting for {len(cursor.pending_ranges)} ingest run(s) of the new release")
-        if outcome == "failed":
-            return SkipReason("an ingest run of the new release failed: re-execute it; re-embedding waits")
-        pending = cursor.pending_fingerprint
-        cursor.pending_fingerprint, cursor.pending_ranges = "", []
-        if not model_exists(context.instance):
-            return SensorResult(
-                skip_reason="release ingested; no trained model yet: launch `retrain` (never automatic)",
-                cursor=cursor.dump(),
-            )
-        return SensorResult(
-            run_requests=[
-                RunRequest(
-                    run_key=f"reembed:{pending}",
-                    job_name=reembed_job.name,
-                    tags={RELEASE_TAG: release_tag(pending)},
-                )
-            ],
-            cursor=cursor.dump(),
-        )
+    """Fingerprints the release, and only that: the catalogue is fetched by the run it requests.
 
-    source = archive.get_archive()
-    fingerprint = source.release_fingerprint()
+    A new release goes through three stages, one per tick: the catalogue run (`detections`,
+    `selected_detections`, which also registers the new observation partitions), then one `pn_spectra`
+    run per range of observations to ingest (planned from the manifest that run wrote), then `reembed`.
+    """
+    cursor = ReleaseCursor.parse(context.cursor)
+    if cursor.pending_fingerprint and cursor.stage == CATALOGUE_STEP:
+        return _after_catalogue(context, storage, cursor)
+    if cursor.pending_fingerprint:
+        return _after_spectra(context, cursor)
+
+    fingerprint = archive.get_archive().release_fingerprint()
     if fingerprint == cursor.fingerprint:
         return SkipReason(f"catalogue release unchanged ({fingerprint[:24]})")
-    new, ranges = plan_release(context.instance, storage, source.fetch_catalogue())
-    requests = [
-        RunRequest(
-            run_key=f"ingest:{fingerprint}:{start}:{end}",
-            job_name=ingest_job.name,
-            tags={**partition_range_tags(start, end), RELEASE_TAG: release_tag(fingerprint), **INGEST_TAG},
-        )
-        for start, end in ranges
-    ]
     observation = AssetObservation(
         asset_key=catalogue_release.key,
-        metadata={"fingerprint": fingerprint, "new observations": len(new), "ingest runs": len(ranges)},
+        metadata={"fingerprint": fingerprint},
         tags={DATA_VERSION_TAG: fingerprint},
     )
-    next_cursor = ReleaseCursor(fingerprint, fingerprint if ranges else "", [list(r) for r in ranges])
     return SensorResult(
-        run_requests=requests,
-        skip_reason=None if ranges else f"release {fingerprint[:24]}: no observation new or changed",
-        dynamic_partitions_requests=[observation_partitions.build_add_request(new)] if new else [],
+        run_requests=[catalogue_run_request(fingerprint)],
         asset_events=[observation],
-        cursor=next_cursor.dump(),
+        cursor=ReleaseCursor(fingerprint, fingerprint, [], CATALOGUE_STEP).dump(),
     )
 
 

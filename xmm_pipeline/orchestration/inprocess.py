@@ -2,7 +2,8 @@
 
 The daemon does the same in production (`dagster dev` with the sensor switched on); here a sensor
 tick is evaluated directly, its partition requests and observations are applied to the instance, and
-the runs it requests execute in process, one after another, in the order requested.
+the runs it requests execute in process, one after another, in the order requested. A new release
+takes two ticks to reach its spectra (the catalogue run, then the partition runs): `ingest_release`.
 """
 
 from dataclasses import dataclass, field
@@ -19,14 +20,16 @@ from dagster import (
 
 from xmm_pipeline.orchestration.assets_archive import catalogue_release
 from xmm_pipeline.orchestration.automation import (
+    CATALOGUE_STEP,
     DATA_VERSION_TAG,
+    ReleaseCursor,
     all_job,
     catalogue_release_sensor,
     partition_range_tags,
-    plan_release,
+    release_observations,
 )
 from xmm_pipeline.orchestration.partitions import OBSERVATION_PARTITIONS_NAME, add_observation_partitions
-from xmm_pipeline.orchestration.resources import ArchiveResource, StorageResource
+from xmm_pipeline.orchestration.resources import ArchiveResource
 
 
 @dataclass
@@ -40,7 +43,12 @@ def execute_run_request(
     defs: Definitions, instance: DagsterInstance, request: RunRequest
 ) -> ExecuteInProcessResult:
     job = defs.resolve_job_def(request.job_name)
-    return job.execute_in_process(instance=instance, tags=dict(request.tags), raise_on_error=True)
+    return job.execute_in_process(
+        instance=instance,
+        tags=dict(request.tags),
+        asset_selection=request.asset_selection,
+        raise_on_error=True,
+    )
 
 
 def tick_release_sensor(defs: Definitions, instance: DagsterInstance, cursor: str | None) -> TickOutcome:
@@ -64,10 +72,19 @@ def tick_release_sensor(defs: Definitions, instance: DagsterInstance, cursor: st
     return outcome
 
 
+def ingest_release(defs: Definitions, instance: DagsterInstance, cursor: str | None) -> TickOutcome:
+    """The ticks that take a new release to its spectra: the one that requests the catalogue run, then
+    the one that plans and requests the partition runs; the runs of both, in order, in one outcome."""
+    first = tick_release_sensor(defs, instance, cursor)
+    if not first.runs or ReleaseCursor.parse(first.cursor).stage != CATALOGUE_STEP:
+        return first
+    second = tick_release_sensor(defs, instance, first.cursor)
+    return TickOutcome(cursor=second.cursor, skip_message=second.skip_message, runs=first.runs + second.runs)
+
+
 def materialise_everything(defs: Definitions, instance: DagsterInstance) -> ExecuteInProcessResult:
     """Observe the release, register its observations, and run the `all` job over all of them."""
     archive: ArchiveResource = defs.resources["archive"]
-    storage: StorageResource = defs.resources["storage"]
     source = archive.get_archive()
     fingerprint = source.release_fingerprint()
     instance.report_runless_asset_event(
@@ -75,8 +92,7 @@ def materialise_everything(defs: Definitions, instance: DagsterInstance) -> Exec
             catalogue_release.key, metadata={"fingerprint": fingerprint}, tags={DATA_VERSION_TAG: fingerprint}
         )
     )
-    new, _ = plan_release(instance, storage, source.fetch_catalogue())
-    add_observation_partitions(instance, new)
+    add_observation_partitions(instance, release_observations(source.fetch_catalogue()))
     keys = instance.get_dynamic_partitions(OBSERVATION_PARTITIONS_NAME)
     job = defs.resolve_job_def(all_job.name)
     return job.execute_in_process(instance=instance, tags=partition_range_tags(keys[0], keys[-1]))

@@ -1,22 +1,30 @@
 """A new release re-materialises only what changed: DR14 fully materialised, then DR15 (same seed)
-through the release sensor and the runs it requests."""
+through the release sensor and the runs it requests, one stage per tick: the catalogue run, the
+partition runs, the re-embedding."""
 
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from dagster import AssetKey, build_schedule_context
+from dagster import AssetKey, build_schedule_context, build_sensor_context
 from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
 from dagster._core.loader import LoadingContextForTest
 
-from xmm_pipeline.orchestration.automation import reembed_schedule, spectra_changed_since_embedding
+from xmm_pipeline.orchestration.automation import (
+    CATALOGUE_ASSETS,
+    ReleaseCursor,
+    catalogue_release_sensor,
+    reembed_schedule,
+    spectra_changed_since_embedding,
+)
 from xmm_pipeline.orchestration.inprocess import execute_run_request, tick_release_sensor
 from xmm_pipeline.orchestration.partitions import changed_observations, observation_manifest
 from xmm_pipeline.spectra.preprocess import PreprocessConfig, select_detections
 from xmm_pipeline_tests.orchestration.conftest import clone_pipeline, open_instance, pipeline_definitions
 
 pytestmark = pytest.mark.slow
+CATALOGUE_NAMES = ("detections", "selected_detections")
 
 
 def file_states(folder: Path) -> dict[str, tuple[int, int]]:
@@ -32,6 +40,15 @@ def materialisation_count(instance, name: str) -> int:
     return len(instance.fetch_materializations(AssetKey(name), limit=10_000).records)
 
 
+def evaluate_release_sensor(defs, instance, cursor: str | None):
+    """One tick of the release sensor, evaluated only: nothing it requests is launched."""
+    context = build_sensor_context(
+        instance=instance, cursor=cursor, definitions=defs, resources=defs.resources,
+        sensor_name=catalogue_release_sensor.name,
+    )
+    return catalogue_release_sensor.evaluate_tick(context)
+
+
 @dataclass
 class Update:
     root: Path
@@ -45,6 +62,8 @@ class Update:
     skip_messages: dict[str, str | None]
     schedule_reasons: dict[str, str | None]
     catalogue_fetched: list[bool]
+    catalogue_materialisations: dict[str, int]
+    ingest_selections: list[set[str]]
     reembed_succeeded: bool
     check_passed: bool | None
     stale: dict[str, StaleStatus]
@@ -62,10 +81,15 @@ def dr15_update(dr14_pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -
     with open_instance(root) as instance:
         dr14, dr15 = pipeline_definitions(root, "DR14"), pipeline_definitions(root, "DR15")
         models_before = materialisation_count(instance, "vae_model")
-        first = tick_release_sensor(dr14, instance, None)
+        same = tick_release_sensor(dr14, instance, None)
+        assert [request.asset_selection for request, _ in same.runs] == [CATALOGUE_ASSETS]
+        first = tick_release_sensor(dr14, instance, same.cursor)
         skips["same release"] = first.skip_message
         reasons["before"] = spectra_changed_since_embedding(instance)
-        ingest = tick_release_sensor(dr15, instance, first.cursor)
+        counts_before = {name: materialisation_count(instance, name) for name in CATALOGUE_NAMES}
+        catalogue = tick_release_sensor(dr15, instance, first.cursor)
+        assert [request.asset_selection for request, _ in catalogue.runs] == [CATALOGUE_ASSETS]
+        ingest = tick_release_sensor(dr15, instance, catalogue.cursor)
         assert ingest.runs and all(result.success for _, result in ingest.runs)
         reasons["after ingest"] = spectra_changed_since_embedding(instance)
         reembed = tick_release_sensor(dr15, instance, ingest.cursor)
@@ -95,6 +119,13 @@ def dr15_update(dr14_pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -
             schedule_reasons=reasons,
             catalogue_fetched=[
                 result.asset_materializations_for_node("detections")[0].metadata["fetched"].value
+                for _, result in same.runs + catalogue.runs
+            ],
+            catalogue_materialisations={
+                name: materialisation_count(instance, name) - counts_before[name] for name in CATALOGUE_NAMES
+            },
+            ingest_selections=[
+                {event.asset_key.to_user_string() for event in result.get_asset_materialization_events()}
                 for _, result in ingest.runs
             ],
             reembed_succeeded=reembed.runs[0][1].success,
@@ -120,8 +151,31 @@ def test_only_new_and_reprocessed_observations_ran(dr15_update: Update):
 
 
 def test_each_release_catalogue_is_fetched_once(dr15_update: Update):
-    assert dr15_update.catalogue_fetched[0] is True
-    assert not any(dr15_update.catalogue_fetched[1:])
+    assert dr15_update.catalogue_fetched == [False, True], "DR14 again: reused; DR15: fetched"
+
+
+def test_catalogue_assets_materialise_once_per_release_not_per_partition_run(dr15_update: Update):
+    assert len(dr15_update.ingest_selections) >= 2, "the update should take several partition runs"
+    assert all(selection == {"pn_spectra"} for selection in dr15_update.ingest_selections)
+    assert dr15_update.catalogue_materialisations == {"detections": 1, "selected_detections": 1}
+
+
+def test_the_sensor_tick_only_fingerprints_the_release(dr15_update: Update, monkeypatch):
+    """A tick on a new release asks the archive for its fingerprint, never for its catalogue."""
+    from xmm_pipeline.archive.simulated import SimulatedArchive
+
+    def refuse(self):
+        raise AssertionError("the sensor tick fetched the catalogue")
+
+    monkeypatch.setattr(SimulatedArchive, "fetch_catalogue", refuse)
+    dr15 = pipeline_definitions(dr15_update.root, "DR15")
+    with open_instance(dr15_update.root) as instance:
+        stale = ReleaseCursor(fingerprint="an older release").dump()
+        result = evaluate_release_sensor(dr15, instance, stale)
+    (request,) = result.run_requests
+    assert request.job_name == "ingest" and request.asset_selection == CATALOGUE_ASSETS
+    assert ReleaseCursor.parse(result.cursor).stage == "catalogue"
+    assert not result.dynamic_partitions_requests, "partitions are registered by the catalogue run"
 
 
 def test_unchanged_partition_files_are_untouched(dr15_update: Update):

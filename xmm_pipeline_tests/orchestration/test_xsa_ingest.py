@@ -21,7 +21,7 @@ from dagster import DagsterInstance, Definitions, SensorResult, build_sensor_con
 from xmm_pipeline.archive.catalogue import as_canonical
 from xmm_pipeline.definitions import build_definitions
 from xmm_pipeline.orchestration.automation import RELEASE_TAG, catalogue_release_sensor
-from xmm_pipeline.orchestration.inprocess import execute_run_request, tick_release_sensor
+from xmm_pipeline.orchestration.inprocess import execute_run_request, ingest_release, tick_release_sensor
 from xmm_pipeline.orchestration.resources import ArchiveResource
 from xmm_pipeline.spectra.dataset import SPECTRA_SUBDIR
 from xmm_pipeline.spectra.preprocess import PreprocessConfig, select_detections
@@ -146,6 +146,7 @@ class Ingest:
     skip_messages: list[str | None]
     run_counts: list[int]
     new_release: SensorResult
+    dr15_registered: set[str]
     dr15_new_observations: set[str]
 
 
@@ -157,7 +158,7 @@ def ingest(sim_archive: Path, served: Served, tmp_path_factory: pytest.TempPathF
 
     simulated_data = tmp_path_factory.mktemp("simulated_ingest") / "data"
     with DagsterInstance.ephemeral() as instance:
-        baseline = tick_release_sensor(simulated_definitions(simulated_data, sim_archive), instance, None)
+        baseline = ingest_release(simulated_definitions(simulated_data, sim_archive), instance, None)
         assert baseline.runs and all(result.success for _, result in baseline.runs)
 
     faults = choose_faults(sim_archive, served.catalogue)
@@ -167,7 +168,7 @@ def ingest(sim_archive: Path, served: Served, tmp_path_factory: pytest.TempPathF
     served.aio.faults.by_key.update(faults)
     try:
         with DagsterInstance.ephemeral() as instance:
-            first = tick_release_sensor(defs, instance, None)
+            first = ingest_release(defs, instance, None)
             first_frames, first_quarantine = spectra_frames(spectra), quarantine(spectra)
             completed = tick_release_sensor(defs, instance, first.cursor)
             unchanged = tick_release_sensor(defs, instance, completed.cursor)
@@ -187,6 +188,9 @@ def ingest(sim_archive: Path, served: Served, tmp_path_factory: pytest.TempPathF
             dr15 = pd.read_parquet(dr15_root / "catalogue.parquet")
             served.tap.catalogue = TapCatalogue(TABLE, as_4xmm_table(dr15), DESCRIPTION)
             new_release = evaluate_release_sensor(defs, instance, unchanged.cursor)
+            known = set(instance.get_dynamic_partitions("observations"))
+            assert execute_run_request(defs, instance, new_release.run_requests[0]).success
+            dr15_registered = set(instance.get_dynamic_partitions("observations")) - known
     finally:
         served.aio.faults.by_key.clear()
         served.tap.catalogue = TapCatalogue(TABLE, as_4xmm_table(served.catalogue), DESCRIPTION)
@@ -208,6 +212,7 @@ def ingest(sim_archive: Path, served: Served, tmp_path_factory: pytest.TempPathF
         skip_messages=[completed.skip_message, unchanged.skip_message],
         run_counts=[len(completed.runs), len(unchanged.runs)],
         new_release=new_release,
+        dr15_registered=dr15_registered,
         dr15_new_observations=dr15_selected - dr14_selected,
     )
 
@@ -289,5 +294,6 @@ def test_release_sensor_follows_the_served_catalogue(ingest: Ingest) -> None:
     new_fingerprint = observation.metadata["fingerprint"].value
     assert new_fingerprint[:24] not in ingest.skip_messages[1]  # the message names the old one, 24 chars
     assert {r.tags[RELEASE_TAG] for r in result.run_requests} == {new_fingerprint[:63]}
-    (added,) = result.dynamic_partitions_requests
-    assert set(added.partition_keys) == ingest.dr15_new_observations
+    assert len(result.run_requests) == 1, "the catalogue run: the tick itself fetches no catalogue"
+    assert not result.dynamic_partitions_requests
+    assert ingest.dr15_registered == ingest.dr15_new_observations, "registered by the catalogue run"
