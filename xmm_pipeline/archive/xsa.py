@@ -12,16 +12,18 @@ single quotes. No free text (a target name) ever reaches a query.
 from __future__ import annotations
 
 import contextlib
+import glob
 import gzip
 import json
 import os
 import random
 import re
 import shutil
+import threading
 import time
 import uuid
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,23 +34,26 @@ import pandas as pd
 import pyvo
 import requests
 from astropy.io import fits
-from pyvo.dal.exceptions import DALOverflowWarning, DALQueryError, DALServiceError
+from pyvo.dal.exceptions import DALFormatError, DALOverflowWarning, DALQueryError, DALServiceError
 
 from xmm_pipeline.archive.base import CATALOGUE_FILE, Archive
 from xmm_pipeline.archive.catalogue import (
     CANONICAL_COLUMNS,
+    FAMILY_LABELS,
     SCHEMA_5XMM,
-    SCHEMA_COLUMNS,
+    ReleaseAdapter,
     as_canonical,
     canonical_from_release,
-    detect_schema,
+    choose_adapter,
     read_catalogue_fits,
     release_from_iauname,
 )
 from xmm_pipeline.archive.download import (
     DownloadError,
     RetryPolicy,
+    ServiceUnreachableError,
     TransferStats,
+    connection_problem,
     download_to_file,
     safe_extract_tar,
     verify_pn_product,
@@ -62,8 +67,16 @@ DEFAULT_TAP_URL = "https://nxsa.esac.esa.int/tap-server/tap"
 DEFAULT_TABLE = "xsa.v_epic_source_cat"
 DEFAULT_AIO_URL = "https://nxsa.esac.esa.int/nxsa-sl/servlet/data-action-aio"
 DEFAULT_RMF_URL = "https://sasdev-xmm.esac.esa.int/pub/ccf/constituents/extras/responses/PN/"
-# The canned matrices v18..v21 are identical; the calibration site serves them with this suffix.
-RMF_VERSION_SUFFIX = "_v21.0"
+# Like the archive's own client (astroquery.esa.xmm_newton since March 2026), the suffix of the
+# canned pn matrices is read once per run from Version.txt beside them ('_v22.0' -> <stem>_v22.0.rmf).
+RMF_VERSION_FILE = "Version.txt"
+RMF_VERSION_PATTERN = re.compile(r"^_v\d+(\.\d+)*$")
+# The observations table and its columns (XSA TAP; see astroquery's XMMNewton.get_columns).
+DEFAULT_OBSERVATIONS_TABLE = "xsa.v_all_observations"
+PROPRIETARY_END_COLUMN = "proprietary_end_date"
+OBSERVATION_ID_COLUMN = "observation_id"
+# An AIO answer of at most this many bytes of plain text is the servlet saying there is nothing.
+NO_PRODUCT_MAX_BYTES = 4096
 
 OBS_ID_PATTERN = re.compile(r"^\d{10}$")
 IDENTIFIER_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
@@ -71,10 +84,16 @@ RMF_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.+-]+\.rmf$")
 PARTIAL_DIR = ".partial"
 OBSERVATION_MARKER = ".xsa_complete.json"
 # catalogue columns whose change in a release means the observation was re-processed
-MARKER_CATALOGUE_COLUMNS = ("obs_id", "src_num", "detid", "pn_8_cts", "pn_ontime", "sum_flag", "ep_extent")
+MARKER_CATALOGUE_COLUMNS = ("obs_id", "src_num", "detid", "pn_8_cts", "pn_ontime", "sum_flag", "ep_extent",
+                            "has_spectrum")
+# Why an observation was not downloaded (counted in XSAArchive.skipped, not quarantined).
+SKIP_PROPRIETARY = "proprietary"
+SKIP_NO_SPECTRA = "no_spectra_in_catalogue"
+SKIP_NO_PRODUCT = "no_product"
 CATALOGUE_STAMP = "catalogue.json"  # the release fingerprint root/catalogue.parquet was fetched for
 IN_LIST_CHUNK = 200
 PRODUCT_MODES = ("observation", "source")
+_SKIP_LOCK = threading.Lock()
 FETCH_MODES = ("async", "paged", "sync")
 
 
@@ -116,6 +135,28 @@ def adql_select(
     return query
 
 
+def validate_rmf_version(version: str, where: str = "rmf_version") -> str:
+    """A canned-matrix version suffix such as '_v22.0' (what Version.txt holds)."""
+    text = str(version).strip()
+    if not RMF_VERSION_PATTERN.match(text):
+        raise UserError(f"{where}: {text[:40]!r} is not a canned-matrix version suffix like '_v22.0'")
+    return text
+
+
+def parse_column_map(text: str) -> dict[str, str]:
+    """'canonical=served,...' (the CLI's --column-map and the Dagster resource's column_map)."""
+    mapping: dict[str, str] = {}
+    for item in (part.strip() for part in str(text).split(",")):
+        if not item:
+            continue
+        canonical, sep, served = (x.strip() for x in item.partition("="))
+        if not sep or not canonical or not served:
+            raise UserError(f"column map entry {item!r} is not canonical=served")
+        served = validate_identifier(served, "column").lower()
+        mapping[validate_identifier(canonical, "column").lower()] = served
+    return mapping
+
+
 def _validate_url(url: str, what: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -137,6 +178,14 @@ class _TimeoutSession(requests.Session):
         return super().request(method, url, **kwargs)
 
 
+class NoProductError(Exception):
+    """The AIO servlet answered 200 with a short text saying there is nothing (not a product)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        super().__init__(text)
+
+
 @dataclass(frozen=True)
 class ProductRequest:
     """One AIO request and the observation (and, per-source, the detection) it serves."""
@@ -152,13 +201,16 @@ class XSAArchive(Archive):
     """The XMM-Newton Science Archive (or any TAP + AIO pair speaking the same protocols).
 
     root: local folder with the layout of archive.base. tap_url/table: the detection catalogue;
-    catalogue_file: a local catalogue FITS file used instead of TAP. column_map: service column ->
-    canonical (4XMM) name, for services that rename columns (HEASARC). aio_url/rmf_url: products and
-    canned responses. product_mode: 'observation' (one tar per observation: the whole pn PPS set) or
-    'source' (one request per product of each detection in root/catalogue.parquet with pn_8_cts >=
-    min_pn_counts). fetch_mode: how the catalogue is read ('async' TAP job, 'paged' TOP/OFFSET pages
-    of page_size rows, 'sync'). release: the label stored in the catalogue's release column (default:
-    the IAU name prefix, e.g. 4XMM).
+    catalogue_file: a local catalogue FITS file used instead of TAP. column_map: canonical name ->
+    served column, for a table the release adapters (archive.catalogue.ADAPTERS) do not read as it
+    is. aio_url/rmf_url: products and canned responses; rmf_version: the matrices' version suffix
+    ('_v22.0'; default: read from rmf_url's Version.txt once per run). product_mode: 'observation'
+    (one tar per observation: the whole pn PPS set) or 'source' (one request per product of each
+    detection in root/catalogue.parquet with pn_8_cts >= min_pn_counts). Only detections whose
+    catalogue spectrum flag is not false are asked for, and observations still proprietary by
+    observations_table (empty: no check) are skipped; `skipped` counts them by reason. fetch_mode:
+    how the catalogue is read ('async' TAP job, 'paged' TOP/OFFSET pages of page_size rows, 'sync').
+    release: the label stored in the catalogue's release column (default: the IAU name prefix).
     """
 
     def __init__(
@@ -176,9 +228,11 @@ class XSAArchive(Archive):
         page_size: int = 50_000,
         fetch_mode: str = "async",
         product_mode: str = "observation",
-        column_map: dict[str, str] | None = None,
+        column_map: Mapping[str, str] | None = None,
         release: str | None = None,
         min_pn_counts: float = 0.0,
+        rmf_version: str | None = None,
+        observations_table: str = DEFAULT_OBSERVATIONS_TABLE,
     ) -> None:
         super().__init__(root)
         self.tap_url = _validate_url(tap_url, "TAP URL")
@@ -203,7 +257,11 @@ class XSAArchive(Archive):
         }
         self.release = release
         self.min_pn_counts = float(min_pn_counts)
+        self.rmf_version = validate_rmf_version(rmf_version) if rmf_version else None
+        self.observations_table = validate_identifier(observations_table) if observations_table else ""
         self.stats = TransferStats()
+        self.skipped: dict[str, list[str]] = {}
+        self._resolution: tuple[ReleaseAdapter, dict[str, str]] | None = None
 
     # --- TAP -----------------------------------------------------------------------------------
 
@@ -218,6 +276,7 @@ class XSAArchive(Archive):
         """
         service = self._service()
         reason = ""
+        unreachable = False
         for attempt in range(self.policy.retries + 1):
             try:
                 with warnings.catch_warnings():
@@ -232,35 +291,52 @@ class XSAArchive(Archive):
                 return _votable_frame(result.to_table())
             except DALQueryError as error:
                 raise UserError(f"TAP service {self.tap_url} rejected the query: {error}") from error
-            except (DALServiceError, requests.RequestException) as error:
-                reason = str(error)
-                response = getattr(getattr(error, "cause", None), "response", None)
+            except (DALServiceError, DALFormatError, requests.RequestException) as error:
+                cause = getattr(error, "cause", None) or error
+                unreachable = isinstance(cause, requests.ConnectionError | requests.Timeout)
+                reason = connection_problem(cause) if unreachable else str(error).splitlines()[0][:300]
+                response = getattr(cause, "response", None)
                 code = getattr(response, "status_code", None) or getattr(error, "code", None)
                 if code is not None and 400 <= int(code) < 500 and int(code) != 429:
                     break
             if attempt < self.policy.retries:
                 time.sleep(self.policy.backoff_s * 2**attempt * random.uniform(0.5, 1.5))
+        if unreachable:
+            raise ServiceUnreachableError(self.tap_url, f"TAP query failed ({reason}) after "
+                                                   f"{self.policy.retries + 1} attempts")
         raise UserError(f"TAP service {self.tap_url} failed: {reason}")
 
-    def _to_service(self, name: str) -> str:
-        inverse = {v: k for k, v in self.column_map.items()}
-        return inverse.get(name, name)
-
     def service_columns(self) -> list[str]:
-        """The table's columns as the service reports them in TAP_SCHEMA (mapped, lower case)."""
+        """The table's columns as the service reports them in TAP_SCHEMA (lower case, as served)."""
         frame = self.query(
             adql_select("column_name", "TAP_SCHEMA.columns", f"table_name = {adql_string(self.table)}")
         )
         if frame.empty:
             raise UserError(f"TAP service {self.tap_url} has no table {self.table!r} in TAP_SCHEMA")
-        names = [str(c).strip().lower() for c in frame.iloc[:, 0]]
-        return [self.column_map.get(n, n) for n in names]
+        return [str(c).strip().lower() for c in frame.iloc[:, 0]]
+
+    def resolution(self) -> tuple[ReleaseAdapter, dict[str, str]]:
+        """The adapter reading the served table and its logical -> served column names (once)."""
+        if self._resolution is None:
+            try:
+                self._resolution = choose_adapter(self.service_columns(), self.column_map)
+            except ServiceUnreachableError:
+                raise
+            except UserError as error:
+                raise UserError(f"{self.tap_url} table {self.table}: {error}") from None
+        return self._resolution
 
     def schema(self) -> str:
-        return detect_schema(self.service_columns())
+        return self.resolution()[0].family
+
+    def _to_service(self, name: str) -> str:
+        resolved = self.resolution()[1]
+        if name not in resolved:
+            raise UserError(f"{self.tap_url} table {self.table}: no column for {name!r}")
+        return validate_identifier(resolved[name], "column")
 
     def _select_list(self, schema: str) -> str:
-        return ", ".join(validate_identifier(self._to_service(c), "column") for c in SCHEMA_COLUMNS[schema])
+        return ", ".join(validate_identifier(c, "column") for c in self.resolution()[1].values())
 
     def release_fingerprint(self) -> str:
         """Hash of the table description, column set, row count, latest MJD and IAU name prefix."""
@@ -269,20 +345,26 @@ class XSAArchive(Archive):
         table = adql_string(self.table)
         description = self.query(adql_select("description", "TAP_SCHEMA.tables", f"table_name = {table}"))
         columns = sorted(self.service_columns())
-        schema = detect_schema(columns)
+        adapter, resolved = self.resolution()
         n_rows = self.query(adql_select("COUNT(*) AS n_rows", self.table))
-        mjd = self._to_service("mjd_stop")
-        latest = self.query(adql_select(f"MAX({mjd}) AS latest_mjd", self.table))
-        iau = self._to_service("iauname")
-        name = self.query(adql_select(iau, self.table, f"{iau} IS NOT NULL", top=1))
+        # only columns every adapter requires (archive.catalogue.COMMON_REQUIRED) are queried
+        obs = self._to_service("obs_id")
+        latest = self.query(adql_select(f"MAX({obs}) AS latest_obs_id", self.table))
+        prefix = FAMILY_LABELS[adapter.family]
+        if "iauname" in resolved:
+            iau = self._to_service("iauname")
+            name = self.query(adql_select(iau, self.table, f"{iau} IS NOT NULL", top=1))
+            prefix = release_from_iauname(name.iloc[0, 0]) if len(name) else prefix
+        latest_obs = latest.iloc[0, 0]
         facts = {
             "table": self.table,
             "description": str(description.iloc[0, 0]) if len(description) else "",
             "columns": columns,
-            "schema": schema,
+            "schema": adapter.family,
             "n_rows": int(n_rows.iloc[0, 0]),
-            "latest_mjd": round(float(latest.iloc[0, 0]), 6),
-            "iau_prefix": release_from_iauname(name.iloc[0, 0]) if len(name) else "unknown",
+            "latest_obs_id": str(int(latest_obs)) if isinstance(latest_obs, int | float | np.number)
+            and not pd.isna(latest_obs) else str(latest_obs),
+            "iau_prefix": prefix,
         }
         return f"{facts['iau_prefix']}:{sha256_json(facts)[:32]}"
 
@@ -325,14 +407,17 @@ class XSAArchive(Archive):
         return ", ".join(self._to_service(k) for k in keys)
 
     def _rename(self, frame: pd.DataFrame) -> pd.DataFrame:
-        lower = {c: str(c).lower() for c in frame.columns}
-        return frame.rename(columns={c: self.column_map.get(lo, lo) for c, lo in lower.items()})
+        """Served column names -> logical ones (what the adapters read)."""
+        logical = {served.lower(): name for name, served in self.resolution()[1].items()}
+        return frame.rename(columns={c: logical.get(str(c).lower(), str(c).lower()) for c in frame.columns})
 
     def _release_label(self, frame: pd.DataFrame) -> str:
         if self.release:
             return self.release
         names = frame["iauname"].dropna() if "iauname" in frame else []
-        return release_from_iauname(names.iloc[0]) if len(names) else "unknown"
+        if len(names):
+            return release_from_iauname(names.iloc[0])
+        return FAMILY_LABELS[self.resolution()[0].family]
 
     def fetch_catalogue(self) -> pd.DataFrame:
         """The whole detection catalogue, canonical schema, written to root/catalogue.parquet.
@@ -347,7 +432,7 @@ class XSAArchive(Archive):
         if cached.is_file() and fetched_for == fingerprint:
             return pd.read_parquet(cached)
         if self.catalogue_file is not None:
-            canonical = read_catalogue_fits(self.catalogue_file, self.release)
+            canonical = read_catalogue_fits(self.catalogue_file, self.release, self.column_map)
         else:
             schema = self.schema()
             where = ""
@@ -364,7 +449,7 @@ class XSAArchive(Archive):
         """The catalogue rows of these observations, merged into root/catalogue.parquet."""
         wanted = sorted({validate_obs_id(o) for o in obs_ids})
         if self.catalogue_file is not None:
-            rows = read_catalogue_fits(self.catalogue_file, self.release)
+            rows = read_catalogue_fits(self.catalogue_file, self.release, self.column_map)
             rows = rows[rows["obs_id"].isin(wanted)]
         else:
             rows = self._rows_for_observations(wanted)
@@ -428,12 +513,20 @@ class XSAArchive(Archive):
         rows = catalogue[catalogue["obs_id"] == obs_id].sort_values("detid")
         return sha256_json(rows.astype(str).to_numpy().tolist())[:16]
 
+    @staticmethod
+    def _without_spectra(obs_id: str, catalogue: pd.DataFrame) -> bool:
+        """The catalogue lists the observation and says none of its detections has a spectrum."""
+        flags = catalogue.loc[catalogue["obs_id"] == obs_id, "has_spectrum"]
+        return bool(len(flags)) and bool((flags.astype("boolean") == False).fillna(False).all())  # noqa: E712
+
     def _requests_for(self, obs_id: str, catalogue: pd.DataFrame) -> list[ProductRequest]:
         base = {"obsno": obs_id, "level": "PPS", "instname": "PN"}
         if self.product_mode == "observation":
             return [ProductRequest(obs_id, self._aio(**base))]
         counts = catalogue["pn_8_cts"].fillna(0)
-        rows = catalogue[(catalogue["obs_id"] == obs_id) & (counts > 0) & (counts >= self.min_pn_counts)]
+        flagged_without = (catalogue["has_spectrum"].astype("boolean") == False).fillna(False)  # noqa: E712
+        rows = catalogue[(catalogue["obs_id"] == obs_id) & (counts > 0) & (counts >= self.min_pn_counts)
+                         & ~flagged_without.to_numpy(dtype=bool)]
         return [
             ProductRequest(
                 obs_id,
@@ -451,20 +544,58 @@ class XSAArchive(Archive):
         (stage 'download', reason with the URL, path = the URL) and the rest goes on.
         """
         wanted = list(dict.fromkeys(validate_obs_id(o) for o in obs_ids))
-        self._staging = _claim_staging(self.root / PARTIAL_DIR)
         catalogue = self._catalogue_index()
+        self.skipped = {}
+        without = [o for o in wanted if self._without_spectra(o, catalogue)]
+        proprietary = self.proprietary_until([o for o in wanted if o not in without])
+        for reason, skipped in ((SKIP_NO_SPECTRA, without), (SKIP_PROPRIETARY, sorted(proprietary))):
+            if skipped:
+                self.skipped[reason] = list(skipped)
+        wanted = [o for o in wanted if o not in without and o not in proprietary]
+        self._staging = _claim_staging(self.root / PARTIAL_DIR)
         detids = {(str(r.obs_id), int(r.src_num)): int(r.detid) for r in catalogue.itertuples()}
         records: list[QuarantineRecord] = []
         respfiles: dict[str, list[str]] = {}
-        with ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="xsa") as pool:
-            results = pool.map(lambda o: self._fetch_observation(o, catalogue, detids), wanted)
-            for obs_id, (obs_records, obs_respfiles) in zip(wanted, results):
-                records.extend(obs_records)
-                for name in obs_respfiles:
-                    respfiles.setdefault(name, []).append(obs_id)
-            records.extend(self._fetch_responses(respfiles, pool))
-        _release_staging(self._staging)
+        answered = self.stats.responses
+        try:
+            with ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="xsa") as pool:
+                results = pool.map(lambda o: self._fetch_observation(o, catalogue, detids), wanted)
+                for obs_id, (obs_records, obs_respfiles) in zip(wanted, results):
+                    records.extend(obs_records)
+                    for name in obs_respfiles:
+                        respfiles.setdefault(name, []).append(obs_id)
+                unreachable = [r for r in records if "connection failed" in r.reason
+                               or "timed out" in r.reason]
+                if records and len(unreachable) == len(records) and self.stats.responses == answered:
+                    raise ServiceUnreachableError(self.aio_url, unreachable[0].reason.split(" (http")[0])
+                records.extend(self._fetch_responses(respfiles, pool))
+        finally:
+            _release_staging(self._staging)
         return records
+
+    def proprietary_until(self, obs_ids: Sequence[str]) -> dict[str, str]:
+        """Observations still proprietary by the observations table (proprietary end date in the
+        future), obs_id -> that date. Empty where the check is off or the service has no such table
+        (HEASARC, a mirror): the AIO's 401 still tells proprietary data apart then."""
+        if not self.observations_table or not obs_ids:
+            return {}
+        now = pd.Timestamp.now(tz="UTC")
+        found: dict[str, str] = {}
+        for chunk in _chunks(sorted(obs_ids), IN_LIST_CHUNK):
+            in_list = ", ".join(adql_string(o) for o in chunk)
+            query = adql_select(f"{OBSERVATION_ID_COLUMN}, {PROPRIETARY_END_COLUMN}", self.observations_table,
+                                f"{OBSERVATION_ID_COLUMN} IN ({in_list})")
+            try:
+                frame = self.query(query)
+            except ServiceUnreachableError:
+                raise
+            except UserError:
+                return {}
+            ends = pd.to_datetime(frame[PROPRIETARY_END_COLUMN], utc=True, errors="coerce", format="mixed")
+            for obs_id, end in zip(frame[OBSERVATION_ID_COLUMN].astype(str).str.strip().str.zfill(10), ends):
+                if not pd.isna(end) and end > now:
+                    found[obs_id] = end.strftime("%Y-%m-%d")
+        return found
 
     def forget_observations(self, obs_ids: Sequence[str]) -> None:
         """Mark observations as not yet complete (e.g. re-processed in a new release): the next
@@ -502,12 +633,15 @@ class XSAArchive(Archive):
             return [], done
         reprocessed = self._marker(obs_id).is_file()  # complete once, for other catalogue rows
         records: list[QuarantineRecord] = []
+        answers: list[str] = []
         for request in self._requests_for(obs_id, catalogue):
             present = request.kind and self._present_product(obs_id, request.kind, request.src_num)
             if present and not reprocessed:
                 continue
             try:
                 self._fetch_products(request, detids, records)
+            except NoProductError as nothing:
+                answers.append(nothing.text)
             except DownloadError as error:
                 records.append(QuarantineRecord("download", f"{error.reason} ({error.url})", obs_id,
                                                 request.detid, error.url))
@@ -518,11 +652,17 @@ class XSAArchive(Archive):
                           if PN_SPECTRAL_PRODUCT.match(p.name))
         respfiles = sorted({self._respfile(p) for p in products if "SRSPEC" in p.name} - {""})
         if not records:
-            write_json_atomic(self._marker(obs_id), {
-                "files": {p.name: p.stat().st_size for p in products}, "respfiles": respfiles,
-                "catalogue": rows_hash,
-            })
+            marker = {"files": {p.name: p.stat().st_size for p in products}, "respfiles": respfiles,
+                      "catalogue": rows_hash}
+            if answers and not products:
+                marker["no_product"] = answers[0]
+                self._count_skip(SKIP_NO_PRODUCT, obs_id)
+            write_json_atomic(self._marker(obs_id), marker)
         return records, respfiles
+
+    def _count_skip(self, reason: str, obs_id: str) -> None:
+        with _SKIP_LOCK:
+            self.skipped.setdefault(reason, []).append(obs_id)
 
     def _present_product(self, obs_id: str, kind: str, src_num: int) -> bool:
         pattern = f"P{obs_id}PN????{kind}?{src_num:03X}.FTZ"
@@ -549,6 +689,9 @@ class XSAArchive(Archive):
         try:
             body = staging / "response"
             headers = download_to_file(request.url, body, self.policy, self.stats)
+            nothing = _no_product_text(body)
+            if nothing is not None:
+                raise NoProductError(nothing)
             if _is_tar(body):
                 def wanted(name: str) -> bool:
                     match = PN_SPECTRAL_PRODUCT.match(Path(name).name)
@@ -576,18 +719,45 @@ class XSAArchive(Archive):
     def _fetch_responses(
         self, respfiles: dict[str, list[str]], pool: ThreadPoolExecutor
     ) -> list[QuarantineRecord]:
-        """Each canned RMF once, into root/responses/PN as the calibration site names it (<stem>_v21.0.rmf);
-        one already there under that name or the bare RESPFILE name is not fetched again."""
+        """Each canned RMF once, into root/responses/PN under the name the calibration site serves it
+        by (<stem><version>.rmf, the version read once from Version.txt unless rmf_version is set).
+        One already there under the bare RESPFILE name, or under any version (an explicit
+        rmf_version: under that one), is not fetched again, and Version.txt is then not read."""
         target_dir = self.responses_dir()
         target_dir.mkdir(parents=True, exist_ok=True)
+        version: list[str] = []
+        version_problem: list[str] = []
+        version_lock = threading.Lock()
+
+        def served_version() -> str | None:
+            with version_lock:
+                if not version and not version_problem:
+                    try:
+                        version.append(self.served_rmf_version())
+                    except (DownloadError, UserError) as error:
+                        version_problem.append(getattr(error, "reason", None) or str(error))
+            return version[0] if version else None
 
         def fetch(name: str) -> QuarantineRecord | None:
-            url = self.rmf_url + _versioned_rmf_name(name)
             if not RMF_NAME_PATTERN.match(name):
                 return QuarantineRecord("download", f"RESPFILE {name!r} is not a plain .rmf file name",
                                         respfiles[name][0], -1, "")
-            final = target_dir / _versioned_rmf_name(name)
-            if final.is_file() or (target_dir / name).is_file():
+            if (target_dir / name).is_file():
+                return None
+            stem = name[: -len(".rmf")]
+            if self.rmf_version is None and any(target_dir.glob(f"{glob.escape(stem)}_v*.rmf")):
+                return None  # already fetched (under the version served then): no request at all
+            suffix = served_version()
+            if suffix is None:
+                where = self.rmf_url + RMF_VERSION_FILE
+                return QuarantineRecord(
+                    "download", f"RMF {name}: cannot tell the canned-matrix version ({where}: "
+                    f"{version_problem[0]}; set rmf_version / --rmf-version); "
+                    f"needed by {', '.join(respfiles[name])}",
+                    respfiles[name][0], -1, where)
+            url = self.rmf_url + _versioned_rmf_name(name, suffix)
+            final = target_dir / _versioned_rmf_name(name, suffix)
+            if final.is_file():
                 return None
             tmp = self._staging / f"rmf-{name}"
             try:
@@ -606,6 +776,36 @@ class XSAArchive(Archive):
                                     respfiles[name][0], -1, url)
 
         return [r for r in pool.map(fetch, sorted(respfiles)) if r is not None]
+
+    def served_rmf_version(self) -> str:
+        """The canned matrices' version suffix: rmf_version when set, else the calibration site's
+        PN/Version.txt (what astroquery.esa.xmm_newton reads), e.g. '_v22.0'."""
+        if self.rmf_version:
+            return self.rmf_version
+        url = self.rmf_url + RMF_VERSION_FILE
+        tmp = self._staging / "rmf-version.txt"
+        try:
+            download_to_file(url, tmp, self.policy, self.stats)
+            text = tmp.read_bytes()[:200].decode("utf-8", "replace")
+        finally:
+            tmp.unlink(missing_ok=True)
+        return validate_rmf_version(text, url)
+
+
+def _no_product_text(path: Path) -> str | None:
+    """The text of a short plain-text answer (the servlet's 'nothing here'), else None."""
+    if path.stat().st_size > NO_PRODUCT_MAX_BYTES:
+        return None
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b" or raw[:6] == b"SIMPLE" or (len(raw) >= 262 and raw[257:262] == b"ustar"):
+        return None
+    try:
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None
+    if not text or not all(c.isprintable() or c in "\r\n\t" for c in text):
+        return None
+    return " ".join(text.split())[:200]
 
 
 def _claim_staging(partial: Path) -> Path:
@@ -643,9 +843,10 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _versioned_rmf_name(name: str) -> str:
+def _versioned_rmf_name(name: str, version: str) -> str:
+    """'epn_e3_ff20_sdY9.rmf' + '_v22.0' -> 'epn_e3_ff20_sdY9_v22.0.rmf' (a versioned name is kept)."""
     stem = name[: -len(".rmf")]
-    return name if re.search(r"_v\d+\.\d+$", stem) else f"{stem}{RMF_VERSION_SUFFIX}.rmf"
+    return name if re.search(r"_v\d+\.\d+$", stem) else f"{stem}{version}.rmf"
 
 
 def _single_file_name(request: ProductRequest, headers: dict[str, str]) -> str:

@@ -45,9 +45,13 @@ def test_unknown_schema_lists_missing_columns() -> None:
 
 
 def test_partial_5xmm_schema_names_its_missing_columns(canonical: pd.DataFrame) -> None:
-    table = as_5xmm_table(canonical).drop(columns=["ep_hr3", "sum_flag"])
-    with pytest.raises(UserError, match="looks like 5XMM but lacks columns ep_hr3, sum_flag"):
+    """Only the columns selection needs are required (ep_hr3 is optional); a missing one is named
+    together with the served name closest to it."""
+    table = as_5xmm_table(canonical).drop(columns=["ep_hr3"]).rename(columns={"sum_flag": "sumflag"})
+    with pytest.raises(UserError, match=r"looks like 5XMM but lacks columns sum_flag \(closest served names: "
+                                        r"sum_flag ~ sumflag"):
         detect_schema(table.columns)
+    assert detect_schema(table.columns, {"sum_flag": "sumflag"}) == SCHEMA_5XMM
 
 
 def test_4xmm_adapter_round_trip(canonical: pd.DataFrame) -> None:

@@ -159,7 +159,7 @@ def test_unknown_schema_is_a_clear_error(releases, tap: TapServer, tmp_path: Pat
 def test_column_map_for_renaming_services(releases, tap: TapServer, tmp_path: Path) -> None:
     renamed = as_4xmm_table(releases["DR14"]).rename(columns={"obs_id": "obsid", "pn_8_cts": "pn_counts"})
     tap.catalogue = TapCatalogue("xmmssc", renamed, "HEASARC-style")
-    mapping = {"obsid": "obs_id", "pn_counts": "pn_8_cts"}
+    mapping = {"obs_id": "obsid", "pn_8_cts": "pn_counts"}  # canonical -> served
     archive = _archive(tmp_path, tap, table="xmmssc", column_map=mapping)
     out = archive.fetch_catalogue()
     pd.testing.assert_frame_equal(out.sort_values("detid").reset_index(drop=True), releases["DR14"])
