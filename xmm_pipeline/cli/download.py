@@ -51,7 +51,10 @@ def run(args: argparse.Namespace) -> int:
 
     obs_ids = [validate_obs_id(o) for o in args.obs_ids]
     column_map = parse_column_map(args.column_map)
-    created = not args.out.exists()
+    created = args.out.absolute()
+    while not created.parent.exists():
+        created = created.parent  # the topmost folder this run creates
+    created = None if created.exists() else created
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -62,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"xmm-pipeline download: error: {error}", file=sys.stderr)
         return EXIT_SERVICE_UNREACHABLE
     finally:
-        if created and args.out.is_dir() and not any(p.is_file() for p in args.out.rglob("*")):
-            shutil.rmtree(args.out, ignore_errors=True)
+        if created is not None and created.is_dir() and not any(p.is_file() for p in created.rglob("*")):
+            shutil.rmtree(created, ignore_errors=True)
 
 
 def _download(args: argparse.Namespace, obs_ids: list[str], column_map: dict[str, str]) -> int:

@@ -137,7 +137,7 @@ def test_unreachable_tap_is_one_line_and_leaves_no_folder(source, tmp_path: Path
     assert code == EXIT_SERVICE_UNREACHABLE == 3
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and url in err and "Connection refused" in err, err
-    assert not out.exists()
+    assert not (tmp_path / "new").exists(), "no folder the run created is left behind"
 
 
 def test_unreachable_aio_is_one_line(source, tmp_path: Path, capsys) -> None:
