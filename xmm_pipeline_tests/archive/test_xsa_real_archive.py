@@ -188,3 +188,20 @@ def test_download_of_a_stacked_5xmm_release_with_v22_matrices_ingests(
     selected, _ = select_detections(rows, PreprocessConfig())
     assert len(selected) > 0 and sorted(written["detid"]) == sorted(selected["detid"])
     assert (written["detid"] > FIVEXMM_DETID_BASE).all(), "5XMM rows carry synthesised detection ids"
+
+
+def test_download_command_counts_what_it_skipped(source, aio: AioServer, tmp_path: Path, capsys) -> None:
+    _, catalogue = source
+    obs_ids = sorted(catalogue["obs_id"].unique())[:3]
+    aio.faults.by_key[obs_ids[0]] = "no-results"
+    observations = pd.DataFrame({"observation_id": obs_ids,
+                                 "proprietary_end_date": ["2010-01-01", "2999-12-31", "2011-01-01"]})
+    with TapServer(TapCatalogue(TABLE, as_4xmm_table(catalogue), observations=observations)) as tap:
+        code = main(["download", *obs_ids, "--out", str(tmp_path / "a"), "--tap-url", tap.tap_url,
+                     "--aio-url", aio.aio_url, "--rmf-url", aio.rmf_url, "--timeout", "2", "--retries", "1"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert f"skipped 1 no product: {obs_ids[0]}" in printed
+    assert f"skipped 1 proprietary: {obs_ids[1]}" in printed
+    assert aio.faults.served[obs_ids[1]] == 0
+    assert not (tmp_path / "a" / "download_quarantine.parquet").exists()
