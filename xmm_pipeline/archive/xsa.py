@@ -26,6 +26,7 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import pandas as pd
+import pyarrow.parquet as pq
 from astropy.io import fits
 
 from xmm_pipeline.archive.base import CATALOGUE_FILE, Archive
@@ -69,8 +70,7 @@ RMF_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.+-]+\.rmf$")
 PARTIAL_DIR = ".partial"
 OBSERVATION_MARKER = ".xsa_complete.json"
 # catalogue columns whose change in a release means the observation was re-processed
-MARKER_CATALOGUE_COLUMNS = ("obs_id", "src_num", "detid", "pn_8_cts", "pn_ontime", "sum_flag", "ep_extent",
-                            "has_spectrum")
+MARKER_CATALOGUE_COLUMNS = ("obs_id", "src_num", "detid", "pn_8_cts", "pn_ontime", "sum_flag", "ep_extent")
 # Why an observation was not downloaded (counted in XSAArchive.skipped, not quarantined).
 SKIP_PROPRIETARY = "proprietary"
 SKIP_NO_SPECTRA = "no_spectra_in_catalogue"
@@ -178,16 +178,24 @@ class XSAArchive(XSACatalogueSide, Archive):
         return f"{self.aio_url}?{urlencode(params)}"
 
     def _catalogue_index(self) -> pd.DataFrame:
+        """The marker columns and the spectrum flag of root/catalogue.parquet (a catalogue written
+        before the flag existed has it unknown)."""
         path = self.root / CATALOGUE_FILE
+        wanted = [*MARKER_CATALOGUE_COLUMNS, "has_spectrum"]
         if not path.is_file():
-            return pd.DataFrame(columns=list(MARKER_CATALOGUE_COLUMNS))
-        return pd.read_parquet(path, columns=list(MARKER_CATALOGUE_COLUMNS))
+            return pd.DataFrame(columns=wanted)
+        available = set(pq.read_schema(path).names)
+        frame = pd.read_parquet(path, columns=[c for c in wanted if c in available])
+        if "has_spectrum" not in frame:
+            frame["has_spectrum"] = pd.array([pd.NA] * len(frame), dtype="boolean")
+        return frame
 
     @staticmethod
     def _rows_hash(obs_id: str, catalogue: pd.DataFrame) -> str:
         """Hash of an observation's catalogue rows: when a release re-processes the observation (new
         counts, flags, exposure), the hash changes and its products are downloaded again."""
-        rows = catalogue[catalogue["obs_id"] == obs_id].sort_values("detid")
+        rows = catalogue.loc[catalogue["obs_id"] == obs_id, list(MARKER_CATALOGUE_COLUMNS)]
+        rows = rows.sort_values("detid")
         return sha256_json(rows.astype(str).to_numpy().tolist())[:16]
 
     @staticmethod

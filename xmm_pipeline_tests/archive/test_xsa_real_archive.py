@@ -205,3 +205,22 @@ def test_download_command_counts_what_it_skipped(source, aio: AioServer, tmp_pat
     assert f"skipped 1 proprietary: {obs_ids[1]}" in printed
     assert aio.faults.served[obs_ids[1]] == 0
     assert not (tmp_path / "a" / "download_quarantine.parquet").exists()
+
+
+def test_archive_written_before_the_spectrum_flag_is_not_downloaded_again(
+    source, aio: AioServer, tmp_path: Path
+) -> None:
+    """A root whose catalogue.parquet and completion markers predate has_spectrum: the markers still
+    match (the row hash is over the same columns), nothing is requested."""
+    src, catalogue = source
+    obs_ids = sorted(catalogue["obs_id"].unique())
+    import shutil
+
+    shutil.copy(src / "catalogue.parquet", tmp_path / "catalogue.parquet")
+    archive = _archive(tmp_path, aio)
+    assert archive.fetch_observations(obs_ids) == []
+    old = pd.read_parquet(tmp_path / "catalogue.parquet").drop(columns=["has_spectrum"])
+    old.to_parquet(tmp_path / "catalogue.parquet", index=False)
+    before = aio.count()
+    assert _archive(tmp_path, aio).fetch_observations(obs_ids) == []
+    assert aio.count() == before
