@@ -170,6 +170,7 @@ class XSAArchive(XSACatalogueSide, Archive):
         self.observations_table = validate_identifier(observations_table) if observations_table else ""
         self.stats = TransferStats()
         self.skipped: dict[str, list[str]] = {}
+        self.warnings: list[str] = []
         self._resolution: tuple[ReleaseAdapter, dict[str, str]] | None = None
 
     # --- products ------------------------------------------------------------------------------
@@ -230,7 +231,7 @@ class XSAArchive(XSACatalogueSide, Archive):
         """
         wanted = list(dict.fromkeys(validate_obs_id(o) for o in obs_ids))
         catalogue = self._catalogue_index()
-        self.skipped = {}
+        self.skipped, self.warnings = {}, []
         without = [o for o in wanted if self._without_spectra(o, catalogue)]
         proprietary = self.proprietary_until([o for o in wanted if o not in without])
         for reason, skipped in ((SKIP_NO_SPECTRA, without), (SKIP_PROPRIETARY, sorted(proprietary))):

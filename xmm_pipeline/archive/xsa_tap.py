@@ -141,6 +141,7 @@ class XSACatalogueSide:
     page_size: int
     release: str | None
     observations_table: str
+    warnings: list[str]
     _resolution: tuple[ReleaseAdapter, dict[str, str]] | None
 
 
@@ -150,12 +151,14 @@ class XSACatalogueSide:
     def query(self, adql: str, mode: str = "sync", allow_truncated: bool = False) -> pd.DataFrame:
         """Run one ADQL query (composed by this module from validated values) with retries.
 
+        A query the service rejects is a UserError; a service that gives no usable answer (no
+        connection, an HTTP error, no VOTable) is ServiceUnreachableError, one line with the URL.
+
         A result the service cut at its row limit (QUERY_STATUS OVERFLOW) is an error unless
         `allow_truncated` (the paged reader, which keeps asking until a page comes back empty).
         """
         service = self._service()
         reason = ""
-        unreachable = False
         for attempt in range(self.policy.retries + 1):
             try:
                 with warnings.catch_warnings():
@@ -173,17 +176,19 @@ class XSACatalogueSide:
             except (DALServiceError, DALFormatError, requests.RequestException) as error:
                 cause = getattr(error, "cause", None) or error
                 unreachable = isinstance(cause, requests.ConnectionError | requests.Timeout)
-                reason = connection_problem(cause) if unreachable else str(error).splitlines()[0][:300]
+                first_line = (str(error).splitlines() or [""])[0]
+                reason = connection_problem(cause) if unreachable else first_line[:300]
                 response = getattr(cause, "response", None)
                 code = getattr(response, "status_code", None) or getattr(error, "code", None)
+                if code is not None and not reason.startswith("HTTP"):
+                    reason = f"HTTP {code}: {reason}"
                 if code is not None and 400 <= int(code) < 500 and int(code) != 429:
                     break
             if attempt < self.policy.retries:
                 time.sleep(self.policy.backoff_s * 2**attempt * random.uniform(0.5, 1.5))
-        if unreachable:
-            raise ServiceUnreachableError(self.tap_url, f"TAP query failed ({reason}) after "
-                                                   f"{self.policy.retries + 1} attempts")
-        raise UserError(f"TAP service {self.tap_url} failed: {reason}")
+        # not a query the service rejected: no answer, an HTTP error, or no VOTable (a wrong URL)
+        raise ServiceUnreachableError(self.tap_url, f"TAP query failed ({reason}) after "
+                                               f"{attempt + 1} attempt{'s' if attempt else ''}")
 
     def service_columns(self) -> list[str]:
         """The table's columns as the service reports them in TAP_SCHEMA (lower case, as served)."""
@@ -376,8 +381,8 @@ class XSACatalogueSide:
 
     def proprietary_until(self, obs_ids: Sequence[str]) -> dict[str, str]:
         """Observations still proprietary by the observations table (proprietary end date in the
-        future), obs_id -> that date. Empty where the check is off or the service has no such table
-        (HEASARC, a mirror): the AIO's 401 still tells proprietary data apart then."""
+        future), obs_id -> that date. Empty where the check is off or the table cannot be read
+        (HEASARC has none; a warning in `warnings`): the AIO's 401 still marks proprietary data."""
         if not self.observations_table or not obs_ids:
             return {}
         now = pd.Timestamp.now(tz="UTC")
@@ -388,9 +393,9 @@ class XSACatalogueSide:
                                 f"{OBSERVATION_ID_COLUMN} IN ({in_list})")
             try:
                 frame = self.query(query)
-            except ServiceUnreachableError:
-                raise
-            except UserError:
+            except UserError as error:
+                self.warnings.append(f"proprietary periods not checked ({self.observations_table}: {error}); "
+                                     "proprietary data still answer HTTP 401")
                 return {}
             ends = pd.to_datetime(frame[PROPRIETARY_END_COLUMN], utc=True, errors="coerce", format="mixed")
             for obs_id, end in zip(frame[OBSERVATION_ID_COLUMN].astype(str).str.strip().str.zfill(10), ends):

@@ -100,6 +100,8 @@ def _download(args: argparse.Namespace, obs_ids: list[str], column_map: dict[str
         print(f"quarantined {record.obs_id}: {record.reason}")
     if missing:
         print(f"no catalogue rows for: {', '.join(missing)}")
+    for warning in archive.warnings:
+        print(f"warning: {warning}")
     for reason, skipped in sorted(archive.skipped.items()):
         print(f"skipped {len(skipped)} {reason.replace('_', ' ')}: {', '.join(skipped)}")
     stats = archive.stats

@@ -140,6 +140,19 @@ def test_unreachable_tap_is_one_line_and_leaves_no_folder(source, tmp_path: Path
     assert not (tmp_path / "new").exists(), "no folder the run created is left behind"
 
 
+def test_tap_url_that_is_no_tap_service_is_one_line(source, aio: AioServer, tmp_path: Path, capsys) -> None:
+    """A typo in the path: the host answers, but with HTTP 404 and no VOTable."""
+    _, catalogue = source
+    obs_id = sorted(catalogue["obs_id"].unique())[0]
+    with TapServer(TapCatalogue(TABLE, as_4xmm_table(catalogue))) as tap:
+        url = tap.url + "/tpa"
+        code = main(["download", obs_id, "--out", str(tmp_path / "a"), "--tap-url", url, "--retries", "0"])
+    assert code == EXIT_SERVICE_UNREACHABLE
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"cannot reach {url}" in err and "404" in err, err
+    assert not (tmp_path / "a").exists()
+
+
 def test_unreachable_aio_is_one_line(source, tmp_path: Path, capsys) -> None:
     _, catalogue = source
     obs_ids = sorted(catalogue["obs_id"].unique())[:2]
