@@ -74,7 +74,7 @@ def main() -> None:
             keep = [(o, n) in with_spectra for o, n in zip(rows["obs_id"], rows["src_num"])]
             rows[keep].to_parquet(per_source / "catalogue.parquet", index=False)
             archive = XSAArchive(per_source, aio_url=aio.aio_url, rmf_url=aio.rmf_url, max_concurrency=1,
-                                 product_mode="source")
+                                 product_mode="source", observations_table="")
             start = time.perf_counter()
             assert archive.fetch_observations(obs_ids) == []
             per_request_ms = (time.perf_counter() - start) / archive.stats.requests * 1e3
@@ -87,7 +87,7 @@ def main() -> None:
                 target = work / f"tar_c{concurrency}"
                 shutil.copytree(source / "responses", target / "responses")  # RMFs: fetched once per ingest
                 archive = XSAArchive(target, aio_url=aio.aio_url, rmf_url=aio.rmf_url,
-                                     max_concurrency=concurrency)
+                                     max_concurrency=concurrency, observations_table="")
                 start = time.perf_counter()
                 assert archive.fetch_observations(obs_ids) == []
                 seconds = time.perf_counter() - start

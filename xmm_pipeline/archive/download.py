@@ -31,7 +31,7 @@ import requests
 from astropy.io import fits
 from astropy.io.fits.verify import VerifyWarning
 
-from xmm_pipeline.errors import ProductError
+from xmm_pipeline.errors import ProductError, UserError
 from xmm_pipeline.storage import atomic_path
 
 # The HDU each product must hold to be usable.
@@ -39,6 +39,30 @@ REQUIRED_HDUS = {"SRSPEC": ("SPECTRUM",), "BGSPEC": ("SPECTRUM",), "SRCARF": ("S
 RMF_MATRIX_HDUS = ("MATRIX", "SPECRESP MATRIX")
 
 CHUNK_BYTES = 1 << 16
+# The exit status of `xmm-pipeline download` when a service could not be reached at all (0: done,
+# 1: done with some products quarantined, 2: a problem with the arguments or the input).
+EXIT_SERVICE_UNREACHABLE = 3
+
+
+class ServiceUnreachableError(UserError):
+    """A service that could not be reached at all (refused, unknown host, timed out): one line naming
+    the URL and what failed; nothing was fetched from it."""
+
+    def __init__(self, url: str, problem: str) -> None:
+        self.url = url
+        self.problem = problem
+        super().__init__(f"cannot reach {url}: {problem}")
+
+
+def connection_problem(error: BaseException) -> str:
+    """The innermost cause of a connection failure in a few words ('[Errno 111] Connection refused')."""
+    text = str(error)
+    match = re.search(r"\[Errno -?\d+\] [^'\")\]]+", text)
+    if match:
+        return match.group(0).strip().rstrip(",")
+    if "timed out" in text.lower() or isinstance(error, requests.Timeout):
+        return "timed out"
+    return type(error).__name__
 
 
 class DownloadError(Exception):
@@ -68,13 +92,17 @@ class TransferStats:
     requests: int = 0
     bytes_received: int = 0
     retries: int = 0
+    responses: int = 0  # requests answered with any HTTP status: the server was reached
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def add(self, requests_made: int = 0, bytes_received: int = 0, retries: int = 0) -> None:
+    def add(
+        self, requests_made: int = 0, bytes_received: int = 0, retries: int = 0, responses: int = 0
+    ) -> None:
         with self._lock:
             self.requests += requests_made
             self.bytes_received += bytes_received
             self.retries += retries
+            self.responses += responses
 
 
 _PROCESS_SLOTS = threading.BoundedSemaphore(8)
@@ -125,6 +153,7 @@ def download_to_file(
             with _PROCESS_SLOTS:
                 stats.add(requests_made=1)
                 with _session().get(url, stream=True, timeout=policy.timeout_s) as response:
+                    stats.add(responses=1)
                     status = response.status_code
                     if status == 401:
                         raise DownloadError(url, "proprietary data (HTTP 401)", proprietary=True)
@@ -148,7 +177,7 @@ def download_to_file(
         except requests.Timeout:
             reason = f"timed out after {policy.timeout_s:g} s"
         except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as error:
-            reason = f"connection failed ({type(error).__name__})"
+            reason = f"connection failed ({type(error).__name__}: {connection_problem(error)})"
         if attempt < policy.retries:
             backoff = policy.backoff_s * 2**attempt * random.uniform(0.5, 1.5)
             time.sleep(min(policy.max_delay_s, wait_s if wait_s is not None else backoff))

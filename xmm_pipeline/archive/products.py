@@ -2,7 +2,8 @@
 
 `P<obs_id><inst><S|U|X><exp:3><type:6><field:1><src:3 hex>.FTZ`, e.g. P0123456789PNS003SRSPEC0017.FTZ
 is the pn source spectrum of source 0x017 = 23 in scheduled exposure 003. Canned RMFs are named by a
-spectrum's RESPFILE (`epn_e3_ff20_sdY9.rmf`) and served as `<stem>_v21.0.rmf` (v18-v21 identical).
+spectrum's RESPFILE (`epn_e3_ff20_sdY9.rmf`) and served as `<stem><version>.rmf`, the version suffix
+in the calibration site's PN/Version.txt (`_v22.0` in 2026; v18-v21 identical, the simulator's v21.0).
 """
 
 from __future__ import annotations

@@ -4,50 +4,37 @@
 never knows where its files came from. Everything it is configured with is a plain value (URLs,
 numbers, a table name), so it can be built from Dagster config or command-line options alike.
 
-ADQL is composed only from validated values: table and column names matching an identifier
-pattern, numbers, and observation ids matching ^\\d{10}$; string literals are quoted with doubled
-single quotes. No free text (a target name) ever reaches a query.
+The catalogue side (TAP, release adapters, fingerprint, proprietary periods) is in archive.xsa_tap;
+this module adds the products: AIO requests, verification, canned matrices, resumption.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import gzip
 import json
 import os
-import random
 import re
 import shutil
-import time
+import threading
 import uuid
-import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
-import numpy as np
 import pandas as pd
-import pyvo
-import requests
+import pyarrow.parquet as pq
 from astropy.io import fits
-from pyvo.dal.exceptions import DALOverflowWarning, DALQueryError, DALServiceError
 
 from xmm_pipeline.archive.base import CATALOGUE_FILE, Archive
-from xmm_pipeline.archive.catalogue import (
-    CANONICAL_COLUMNS,
-    SCHEMA_5XMM,
-    SCHEMA_COLUMNS,
-    as_canonical,
-    canonical_from_release,
-    detect_schema,
-    read_catalogue_fits,
-    release_from_iauname,
-)
+from xmm_pipeline.archive.catalogue import ReleaseAdapter
 from xmm_pipeline.archive.download import (
     DownloadError,
     RetryPolicy,
+    ServiceUnreachableError,
     TransferStats,
     download_to_file,
     safe_extract_tar,
@@ -55,86 +42,57 @@ from xmm_pipeline.archive.download import (
     verify_rmf,
 )
 from xmm_pipeline.archive.products import PN_SPECTRAL_PRODUCT
+from xmm_pipeline.archive.xsa_tap import (  # noqa: F401 - adql_*, parse_column_map: this module's API too
+    DEFAULT_OBSERVATIONS_TABLE,
+    DEFAULT_TABLE,
+    DEFAULT_TAP_URL,
+    FETCH_MODES,
+    XSACatalogueSide,
+    adql_select,
+    adql_string,
+    parse_column_map,
+    validate_identifier,
+    validate_obs_id,
+    validate_url,
+)
 from xmm_pipeline.errors import ProductError, UserError
-from xmm_pipeline.storage import QuarantineRecord, sha256_json, write_json_atomic, write_parquet_atomic
+from xmm_pipeline.storage import QuarantineRecord, sha256_json, write_json_atomic
 
-DEFAULT_TAP_URL = "https://nxsa.esac.esa.int/tap-server/tap"
-DEFAULT_TABLE = "xsa.v_epic_source_cat"
 DEFAULT_AIO_URL = "https://nxsa.esac.esa.int/nxsa-sl/servlet/data-action-aio"
 DEFAULT_RMF_URL = "https://sasdev-xmm.esac.esa.int/pub/ccf/constituents/extras/responses/PN/"
-# The canned matrices v18..v21 are identical; the calibration site serves them with this suffix.
-RMF_VERSION_SUFFIX = "_v21.0"
-
-OBS_ID_PATTERN = re.compile(r"^\d{10}$")
-IDENTIFIER_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
+# Like the archive's own client (astroquery.esa.xmm_newton since March 2026), the suffix of the
+# canned pn matrices is read once per run from Version.txt beside them ('_v22.0' -> <stem>_v22.0.rmf).
+RMF_VERSION_FILE = "Version.txt"
+RMF_VERSION_PATTERN = re.compile(r"^_v\d+(\.\d+)*$")
+# An AIO answer of at most this many bytes of plain text is the servlet saying there is nothing.
+NO_PRODUCT_MAX_BYTES = 4096
 RMF_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.+-]+\.rmf$")
 PARTIAL_DIR = ".partial"
 OBSERVATION_MARKER = ".xsa_complete.json"
 # catalogue columns whose change in a release means the observation was re-processed
 MARKER_CATALOGUE_COLUMNS = ("obs_id", "src_num", "detid", "pn_8_cts", "pn_ontime", "sum_flag", "ep_extent")
-CATALOGUE_STAMP = "catalogue.json"  # the release fingerprint root/catalogue.parquet was fetched for
-IN_LIST_CHUNK = 200
+# Why an observation was not downloaded (counted in XSAArchive.skipped, not quarantined).
+SKIP_PROPRIETARY = "proprietary"
+SKIP_NO_SPECTRA = "no_spectra_in_catalogue"
+SKIP_NO_PRODUCT = "no_product"
 PRODUCT_MODES = ("observation", "source")
-FETCH_MODES = ("async", "paged", "sync")
+_SKIP_LOCK = threading.Lock()
 
 
-def validate_obs_id(obs_id: object) -> str:
-    text = str(obs_id).strip()
-    if not OBS_ID_PATTERN.match(text):
-        raise UserError(f"not an XMM-Newton observation id (10 digits): {obs_id!r}")
+def validate_rmf_version(version: str, where: str = "rmf_version") -> str:
+    """A canned-matrix version suffix such as '_v22.0' (what Version.txt holds)."""
+    text = str(version).strip()
+    if not RMF_VERSION_PATTERN.match(text):
+        raise UserError(f"{where}: {text[:40]!r} is not a canned-matrix version suffix like '_v22.0'")
     return text
 
 
-def validate_identifier(name: str, what: str = "table") -> str:
-    if not IDENTIFIER_PATTERN.match(name):
-        raise UserError(f"invalid {what} name for ADQL: {name!r}")
-    return name
+class NoProductError(Exception):
+    """The AIO servlet answered 200 with a short text saying there is nothing (not a product)."""
 
-
-def adql_string(value: str) -> str:
-    """An ADQL string literal; the value has already been validated, the quoting is belt and braces."""
-    return "'" + str(value).replace("'", "''") + "'"
-
-
-def adql_select(
-    columns: str,
-    table: str,
-    where: str = "",
-    top: int | None = None,
-    order_by: str = "",
-    offset: int | None = None,
-) -> str:
-    """Compose one ADQL SELECT. Every part comes from validated identifiers, numbers or adql_string."""
-    top_clause = f"TOP {int(top)} " if top is not None else ""
-    query = f"SELECT {top_clause}{columns} FROM {table}"  # noqa: S608 - parts validated by callers
-    if where:
-        query += f" WHERE {where}"
-    if order_by:
-        query += f" ORDER BY {order_by}"
-    if offset is not None:
-        query += f" OFFSET {int(offset)}"
-    return query
-
-
-def _validate_url(url: str, what: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise UserError(f"{what} must be an http(s) URL, got {url!r}")
-    return url
-
-
-class _TimeoutSession(requests.Session):
-    """A requests session whose every request has a timeout (pyvo's sync queries set none)."""
-
-    def __init__(self, timeout_s: float) -> None:
-        super().__init__()
-        self.timeout_s = timeout_s
-
-    def request(self, method, url, **kwargs):  # type: ignore[override]
-        kwargs.setdefault("timeout", self.timeout_s)
-        if kwargs["timeout"] is None:
-            kwargs["timeout"] = self.timeout_s
-        return super().request(method, url, **kwargs)
+    def __init__(self, text: str) -> None:
+        self.text = text
+        super().__init__(text)
 
 
 @dataclass(frozen=True)
@@ -148,17 +106,20 @@ class ProductRequest:
     src_num: int = -1
 
 
-class XSAArchive(Archive):
+class XSAArchive(XSACatalogueSide, Archive):
     """The XMM-Newton Science Archive (or any TAP + AIO pair speaking the same protocols).
 
     root: local folder with the layout of archive.base. tap_url/table: the detection catalogue;
-    catalogue_file: a local catalogue FITS file used instead of TAP. column_map: service column ->
-    canonical (4XMM) name, for services that rename columns (HEASARC). aio_url/rmf_url: products and
-    canned responses. product_mode: 'observation' (one tar per observation: the whole pn PPS set) or
-    'source' (one request per product of each detection in root/catalogue.parquet with pn_8_cts >=
-    min_pn_counts). fetch_mode: how the catalogue is read ('async' TAP job, 'paged' TOP/OFFSET pages
-    of page_size rows, 'sync'). release: the label stored in the catalogue's release column (default:
-    the IAU name prefix, e.g. 4XMM).
+    catalogue_file: a local catalogue FITS file used instead of TAP. column_map: canonical name ->
+    served column, for a table the release adapters (archive.catalogue.ADAPTERS) do not read as it
+    is. aio_url/rmf_url: products and canned responses; rmf_version: the matrices' version suffix
+    ('_v22.0'; default: read from rmf_url's Version.txt once per run). product_mode: 'observation'
+    (one tar per observation: the whole pn PPS set) or 'source' (one request per product of each
+    detection in root/catalogue.parquet with pn_8_cts >= min_pn_counts). Only detections whose
+    catalogue spectrum flag is not false are asked for, and observations still proprietary by
+    observations_table (empty: no check) are skipped; `skipped` counts them by reason. fetch_mode:
+    how the catalogue is read ('async' TAP job, 'paged' TOP/OFFSET pages of page_size rows, 'sync').
+    release: the label stored in the catalogue's release column (default: the IAU name prefix).
     """
 
     def __init__(
@@ -176,15 +137,17 @@ class XSAArchive(Archive):
         page_size: int = 50_000,
         fetch_mode: str = "async",
         product_mode: str = "observation",
-        column_map: dict[str, str] | None = None,
+        column_map: Mapping[str, str] | None = None,
         release: str | None = None,
         min_pn_counts: float = 0.0,
+        rmf_version: str | None = None,
+        observations_table: str = DEFAULT_OBSERVATIONS_TABLE,
     ) -> None:
         super().__init__(root)
-        self.tap_url = _validate_url(tap_url, "TAP URL")
+        self.tap_url = validate_url(tap_url, "TAP URL")
         self.table = validate_identifier(table)
-        self.aio_url = _validate_url(aio_url, "AIO URL")
-        self.rmf_url = _validate_url(rmf_url if rmf_url.endswith("/") else rmf_url + "/", "RMF URL")
+        self.aio_url = validate_url(aio_url, "AIO URL")
+        self.rmf_url = validate_url(rmf_url if rmf_url.endswith("/") else rmf_url + "/", "RMF URL")
         if max_concurrency < 1 or retries < 0 or timeout_s <= 0 or page_size < 1:
             raise UserError("max_concurrency and page_size must be >= 1, retries >= 0, timeout_s > 0")
         if fetch_mode not in FETCH_MODES:
@@ -203,212 +166,12 @@ class XSAArchive(Archive):
         }
         self.release = release
         self.min_pn_counts = float(min_pn_counts)
+        self.rmf_version = validate_rmf_version(rmf_version) if rmf_version else None
+        self.observations_table = validate_identifier(observations_table) if observations_table else ""
         self.stats = TransferStats()
-
-    # --- TAP -----------------------------------------------------------------------------------
-
-    def _service(self) -> pyvo.dal.TAPService:
-        return pyvo.dal.TAPService(self.tap_url, session=_TimeoutSession(self.policy.timeout_s))
-
-    def query(self, adql: str, mode: str = "sync", allow_truncated: bool = False) -> pd.DataFrame:
-        """Run one ADQL query (composed by this module from validated values) with retries.
-
-        A result the service cut at its row limit (QUERY_STATUS OVERFLOW) is an error unless
-        `allow_truncated` (the paged reader, which keeps asking until a page comes back empty).
-        """
-        service = self._service()
-        reason = ""
-        for attempt in range(self.policy.retries + 1):
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", DALOverflowWarning)
-                    if mode == "async":
-                        result = service.run_async(adql, timeout=max(self.policy.timeout_s, 600.0))
-                    else:
-                        result = service.run_sync(adql)
-                if str(result.status[0]).upper() == "OVERFLOW" and not allow_truncated:
-                    raise UserError(f"TAP service {self.tap_url} truncated the result at its row limit "
-                                    f"({len(result)} rows); use fetch_mode='paged'")
-                return _votable_frame(result.to_table())
-            except DALQueryError as error:
-                raise UserError(f"TAP service {self.tap_url} rejected the query: {error}") from error
-            except (DALServiceError, requests.RequestException) as error:
-                reason = str(error)
-                response = getattr(getattr(error, "cause", None), "response", None)
-                code = getattr(response, "status_code", None) or getattr(error, "code", None)
-                if code is not None and 400 <= int(code) < 500 and int(code) != 429:
-                    break
-            if attempt < self.policy.retries:
-                time.sleep(self.policy.backoff_s * 2**attempt * random.uniform(0.5, 1.5))
-        raise UserError(f"TAP service {self.tap_url} failed: {reason}")
-
-    def _to_service(self, name: str) -> str:
-        inverse = {v: k for k, v in self.column_map.items()}
-        return inverse.get(name, name)
-
-    def service_columns(self) -> list[str]:
-        """The table's columns as the service reports them in TAP_SCHEMA (mapped, lower case)."""
-        frame = self.query(
-            adql_select("column_name", "TAP_SCHEMA.columns", f"table_name = {adql_string(self.table)}")
-        )
-        if frame.empty:
-            raise UserError(f"TAP service {self.tap_url} has no table {self.table!r} in TAP_SCHEMA")
-        names = [str(c).strip().lower() for c in frame.iloc[:, 0]]
-        return [self.column_map.get(n, n) for n in names]
-
-    def schema(self) -> str:
-        return detect_schema(self.service_columns())
-
-    def _select_list(self, schema: str) -> str:
-        return ", ".join(validate_identifier(self._to_service(c), "column") for c in SCHEMA_COLUMNS[schema])
-
-    def release_fingerprint(self) -> str:
-        """Hash of the table description, column set, row count, latest MJD and IAU name prefix."""
-        if self.catalogue_file is not None:
-            return self._file_fingerprint()
-        table = adql_string(self.table)
-        description = self.query(adql_select("description", "TAP_SCHEMA.tables", f"table_name = {table}"))
-        columns = sorted(self.service_columns())
-        schema = detect_schema(columns)
-        n_rows = self.query(adql_select("COUNT(*) AS n_rows", self.table))
-        mjd = self._to_service("mjd_stop")
-        latest = self.query(adql_select(f"MAX({mjd}) AS latest_mjd", self.table))
-        iau = self._to_service("iauname")
-        name = self.query(adql_select(iau, self.table, f"{iau} IS NOT NULL", top=1))
-        facts = {
-            "table": self.table,
-            "description": str(description.iloc[0, 0]) if len(description) else "",
-            "columns": columns,
-            "schema": schema,
-            "n_rows": int(n_rows.iloc[0, 0]),
-            "latest_mjd": round(float(latest.iloc[0, 0]), 6),
-            "iau_prefix": release_from_iauname(name.iloc[0, 0]) if len(name) else "unknown",
-        }
-        return f"{facts['iau_prefix']}:{sha256_json(facts)[:32]}"
-
-    def _file_fingerprint(self) -> str:
-        path = self.catalogue_file
-        if path is None or not path.is_file():
-            raise UserError(f"catalogue file not found: {path}")
-        with fits.open(path, memmap=True) as hdus:
-            hdu = next((h for h in hdus[1:] if isinstance(h, fits.BinTableHDU)), None)
-            if hdu is None:
-                raise UserError(f"{path}: no binary table extension")
-            header = hdu.header
-            facts = {
-                "file": path.name,
-                "size": path.stat().st_size,
-                "n_rows": int(header.get("NAXIS2", 0)),
-                "columns": sorted(n.lower() for n in hdu.columns.names),
-                "date": str(header.get("DATE", "")),
-                "creator": str(header.get("CREATOR", "")),
-            }
-        return f"file:{sha256_json(facts)[:32]}"
-
-    def _read_rows(self, schema: str, where: str = "", order_by: str = "") -> pd.DataFrame:
-        columns = self._select_list(schema)
-        if self.fetch_mode != "paged":
-            return self.query(adql_select(columns, self.table, where), mode=self.fetch_mode)
-        pages = []
-        offset = 0
-        while True:
-            page = self.query(adql_select(columns, self.table, where, self.page_size, order_by, offset),
-                              allow_truncated=True)
-            if page.empty:
-                break
-            pages.append(page)
-            offset += len(page)
-        return pd.concat(pages, ignore_index=True) if pages else page
-
-    def _order_key(self, schema: str) -> str:
-        keys = ["detid"] if schema != SCHEMA_5XMM else ["srcid", "obs_id", "pps_srcnum"]
-        return ", ".join(self._to_service(k) for k in keys)
-
-    def _rename(self, frame: pd.DataFrame) -> pd.DataFrame:
-        lower = {c: str(c).lower() for c in frame.columns}
-        return frame.rename(columns={c: self.column_map.get(lo, lo) for c, lo in lower.items()})
-
-    def _release_label(self, frame: pd.DataFrame) -> str:
-        if self.release:
-            return self.release
-        names = frame["iauname"].dropna() if "iauname" in frame else []
-        return release_from_iauname(names.iloc[0]) if len(names) else "unknown"
-
-    def fetch_catalogue(self) -> pd.DataFrame:
-        """The whole detection catalogue, canonical schema, written to root/catalogue.parquet.
-
-        Downloaded once per release: a catalogue already written for the current fingerprint (the
-        release sensor's fetch, say) is read back instead of pulling the whole table again.
-        """
-        fingerprint = self.release_fingerprint()
-        stamp = self.root / CATALOGUE_STAMP
-        cached = self.root / CATALOGUE_FILE
-        fetched_for = json.loads(stamp.read_text()).get("fingerprint") if stamp.is_file() else None
-        if cached.is_file() and fetched_for == fingerprint:
-            return pd.read_parquet(cached)
-        if self.catalogue_file is not None:
-            canonical = read_catalogue_fits(self.catalogue_file, self.release)
-        else:
-            schema = self.schema()
-            where = ""
-            if schema == SCHEMA_5XMM:
-                srcnum, n_obs = self._to_service("pps_srcnum"), self._to_service("n_obs")
-                where = f"{srcnum} IS NOT NULL OR {n_obs} > 0"
-            frame = self._rename(self._read_rows(schema, where, self._order_key(schema)))
-            canonical = canonical_from_release(frame, self._release_label(frame))
-        write_parquet_atomic(cached, canonical)
-        write_json_atomic(stamp, {"fingerprint": fingerprint, "rows": len(canonical)})
-        return canonical
-
-    def fetch_catalogue_rows(self, obs_ids: Sequence[str]) -> pd.DataFrame:
-        """The catalogue rows of these observations, merged into root/catalogue.parquet."""
-        wanted = sorted({validate_obs_id(o) for o in obs_ids})
-        if self.catalogue_file is not None:
-            rows = read_catalogue_fits(self.catalogue_file, self.release)
-            rows = rows[rows["obs_id"].isin(wanted)]
-        else:
-            rows = self._rows_for_observations(wanted)
-        path = self.root / CATALOGUE_FILE
-        (self.root / CATALOGUE_STAMP).unlink(missing_ok=True)  # no longer the whole release
-        if path.is_file():
-            previous = pd.read_parquet(path)
-            previous = previous[~previous["detid"].isin(rows["detid"])]
-            rows = pd.concat([previous, rows], ignore_index=True)
-        rows = as_canonical(rows.sort_values(["obs_id", "src_num"]).reset_index(drop=True))
-        write_parquet_atomic(path, rows)
-        return rows
-
-    def _rows_for_observations(self, obs_ids: list[str]) -> pd.DataFrame:
-        schema = self.schema()
-        obs_col = self._to_service("obs_id")
-        parts = []
-        for chunk in _chunks(obs_ids, IN_LIST_CHUNK):
-            in_list = ", ".join(adql_string(o) for o in chunk)
-            parts.append(self._read_rows(schema, f"{obs_col} IN ({in_list})", self._order_key(schema)))
-        frame = self._rename(pd.concat(parts, ignore_index=True))
-        n_detections = None
-        if schema == SCHEMA_5XMM:
-            frame, n_detections = self._with_5xmm_source_rows(frame, schema)
-        if frame.empty:
-            return pd.DataFrame({name: pd.Series(dtype=dtype) for name, dtype in CANONICAL_COLUMNS.items()})
-        return canonical_from_release(frame, self._release_label(frame), n_detections)
-
-    def _with_5xmm_source_rows(self, frame: pd.DataFrame, schema: str) -> tuple[pd.DataFrame, dict[int, int]]:
-        """Add the summary rows of the sources seen, and count each source's detections catalogue-wide."""
-        srcids = sorted({int(s) for s in pd.to_numeric(frame["srcid"], errors="coerce").dropna()})
-        srcid, n_obs, srcnum = (self._to_service(c) for c in ("srcid", "n_obs", "pps_srcnum"))
-        summaries, counts = [], []
-        for chunk in _chunks(srcids, IN_LIST_CHUNK):
-            in_list = ", ".join(str(int(s)) for s in chunk)
-            summaries.append(self._read_rows(schema, f"{srcid} IN ({in_list}) AND {n_obs} > 0", srcid))
-            counts.append(self.query(adql_select(
-                srcid, self.table, f"{srcid} IN ({in_list}) AND {srcnum} IS NOT NULL AND {n_obs} IS NULL"
-            )))
-        if not srcids:
-            return frame, {}
-        summary = self._rename(pd.concat(summaries, ignore_index=True))
-        counted = pd.concat(counts, ignore_index=True).iloc[:, 0].astype("int64").value_counts()
-        return pd.concat([frame, summary], ignore_index=True), {int(k): int(v) for k, v in counted.items()}
+        self.skipped: dict[str, list[str]] = {}
+        self.warnings: list[str] = []
+        self._resolution: tuple[ReleaseAdapter, dict[str, str]] | None = None
 
     # --- products ------------------------------------------------------------------------------
 
@@ -416,24 +179,40 @@ class XSAArchive(Archive):
         return f"{self.aio_url}?{urlencode(params)}"
 
     def _catalogue_index(self) -> pd.DataFrame:
+        """The marker columns and the spectrum flag of root/catalogue.parquet (a catalogue written
+        before the flag existed has it unknown)."""
         path = self.root / CATALOGUE_FILE
+        wanted = [*MARKER_CATALOGUE_COLUMNS, "has_spectrum"]
         if not path.is_file():
-            return pd.DataFrame(columns=list(MARKER_CATALOGUE_COLUMNS))
-        return pd.read_parquet(path, columns=list(MARKER_CATALOGUE_COLUMNS))
+            return pd.DataFrame(columns=wanted)
+        available = set(pq.read_schema(path).names)
+        frame = pd.read_parquet(path, columns=[c for c in wanted if c in available])
+        if "has_spectrum" not in frame:
+            frame["has_spectrum"] = pd.array([pd.NA] * len(frame), dtype="boolean")
+        return frame
 
     @staticmethod
     def _rows_hash(obs_id: str, catalogue: pd.DataFrame) -> str:
         """Hash of an observation's catalogue rows: when a release re-processes the observation (new
         counts, flags, exposure), the hash changes and its products are downloaded again."""
-        rows = catalogue[catalogue["obs_id"] == obs_id].sort_values("detid")
+        rows = catalogue.loc[catalogue["obs_id"] == obs_id, list(MARKER_CATALOGUE_COLUMNS)]
+        rows = rows.sort_values("detid")
         return sha256_json(rows.astype(str).to_numpy().tolist())[:16]
+
+    @staticmethod
+    def _without_spectra(obs_id: str, catalogue: pd.DataFrame) -> bool:
+        """The catalogue lists the observation and says none of its detections has a spectrum."""
+        flags = catalogue.loc[catalogue["obs_id"] == obs_id, "has_spectrum"]
+        return bool(len(flags)) and bool((flags.astype("boolean") == False).fillna(False).all())  # noqa: E712
 
     def _requests_for(self, obs_id: str, catalogue: pd.DataFrame) -> list[ProductRequest]:
         base = {"obsno": obs_id, "level": "PPS", "instname": "PN"}
         if self.product_mode == "observation":
             return [ProductRequest(obs_id, self._aio(**base))]
         counts = catalogue["pn_8_cts"].fillna(0)
-        rows = catalogue[(catalogue["obs_id"] == obs_id) & (counts > 0) & (counts >= self.min_pn_counts)]
+        flagged_without = (catalogue["has_spectrum"].astype("boolean") == False).fillna(False)  # noqa: E712
+        rows = catalogue[(catalogue["obs_id"] == obs_id) & (counts > 0) & (counts >= self.min_pn_counts)
+                         & ~flagged_without.to_numpy(dtype=bool)]
         return [
             ProductRequest(
                 obs_id,
@@ -454,21 +233,35 @@ class XSAArchive(Archive):
         `progress(done, total)` is called with the observations finished, in order.
         """
         wanted = list(dict.fromkeys(validate_obs_id(o) for o in obs_ids))
-        self._staging = _claim_staging(self.root / PARTIAL_DIR)
         catalogue = self._catalogue_index()
+        self.skipped, self.warnings = {}, []
+        without = [o for o in wanted if self._without_spectra(o, catalogue)]
+        proprietary = self.proprietary_until([o for o in wanted if o not in without])
+        for reason, skipped in ((SKIP_NO_SPECTRA, without), (SKIP_PROPRIETARY, sorted(proprietary))):
+            if skipped:
+                self.skipped[reason] = list(skipped)
+        wanted = [o for o in wanted if o not in without and o not in proprietary]
+        self._staging = _claim_staging(self.root / PARTIAL_DIR)
         detids = {(str(r.obs_id), int(r.src_num)): int(r.detid) for r in catalogue.itertuples()}
         records: list[QuarantineRecord] = []
         respfiles: dict[str, list[str]] = {}
-        with ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="xsa") as pool:
-            results = pool.map(lambda o: self._fetch_observation(o, catalogue, detids), wanted)
-            for done, (obs_id, (obs_records, obs_respfiles)) in enumerate(zip(wanted, results), start=1):
-                records.extend(obs_records)
-                for name in obs_respfiles:
-                    respfiles.setdefault(name, []).append(obs_id)
-                if progress is not None:
-                    progress(done, len(wanted))
-            records.extend(self._fetch_responses(respfiles, pool))
-        _release_staging(self._staging)
+        answered = self.stats.responses
+        try:
+            with ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="xsa") as pool:
+                results = pool.map(lambda o: self._fetch_observation(o, catalogue, detids), wanted)
+                for done, (obs_id, (obs_records, obs_respfiles)) in enumerate(zip(wanted, results), start=1):
+                    records.extend(obs_records)
+                    for name in obs_respfiles:
+                        respfiles.setdefault(name, []).append(obs_id)
+                    if progress is not None:
+                        progress(done, len(wanted))
+                unreachable = [r for r in records if "connection failed" in r.reason
+                               or "timed out" in r.reason]
+                if records and len(unreachable) == len(records) and self.stats.responses == answered:
+                    raise ServiceUnreachableError(self.aio_url, unreachable[0].reason.split(" (http")[0])
+                records.extend(self._fetch_responses(respfiles, pool))
+        finally:
+            _release_staging(self._staging)
         return records
 
     def forget_observations(self, obs_ids: Sequence[str]) -> None:
@@ -507,12 +300,15 @@ class XSAArchive(Archive):
             return [], done
         reprocessed = self._marker(obs_id).is_file()  # complete once, for other catalogue rows
         records: list[QuarantineRecord] = []
+        answers: list[str] = []
         for request in self._requests_for(obs_id, catalogue):
             present = request.kind and self._present_product(obs_id, request.kind, request.src_num)
             if present and not reprocessed:
                 continue
             try:
                 self._fetch_products(request, detids, records)
+            except NoProductError as nothing:
+                answers.append(nothing.text)
             except DownloadError as error:
                 records.append(QuarantineRecord("download", f"{error.reason} ({error.url})", obs_id,
                                                 request.detid, error.url))
@@ -523,11 +319,17 @@ class XSAArchive(Archive):
                           if PN_SPECTRAL_PRODUCT.match(p.name))
         respfiles = sorted({self._respfile(p) for p in products if "SRSPEC" in p.name} - {""})
         if not records:
-            write_json_atomic(self._marker(obs_id), {
-                "files": {p.name: p.stat().st_size for p in products}, "respfiles": respfiles,
-                "catalogue": rows_hash,
-            })
+            marker = {"files": {p.name: p.stat().st_size for p in products}, "respfiles": respfiles,
+                      "catalogue": rows_hash}
+            if answers and not products:
+                marker["no_product"] = answers[0]
+                self._count_skip(SKIP_NO_PRODUCT, obs_id)
+            write_json_atomic(self._marker(obs_id), marker)
         return records, respfiles
+
+    def _count_skip(self, reason: str, obs_id: str) -> None:
+        with _SKIP_LOCK:
+            self.skipped.setdefault(reason, []).append(obs_id)
 
     def _present_product(self, obs_id: str, kind: str, src_num: int) -> bool:
         pattern = f"P{obs_id}PN????{kind}?{src_num:03X}.FTZ"
@@ -554,6 +356,9 @@ class XSAArchive(Archive):
         try:
             body = staging / "response"
             headers = download_to_file(request.url, body, self.policy, self.stats)
+            nothing = _no_product_text(body)
+            if nothing is not None:
+                raise NoProductError(nothing)
             if _is_tar(body):
                 def wanted(name: str) -> bool:
                     match = PN_SPECTRAL_PRODUCT.match(Path(name).name)
@@ -581,18 +386,45 @@ class XSAArchive(Archive):
     def _fetch_responses(
         self, respfiles: dict[str, list[str]], pool: ThreadPoolExecutor
     ) -> list[QuarantineRecord]:
-        """Each canned RMF once, into root/responses/PN as the calibration site names it (<stem>_v21.0.rmf);
-        one already there under that name or the bare RESPFILE name is not fetched again."""
+        """Each canned RMF once, into root/responses/PN under the name the calibration site serves it
+        by (<stem><version>.rmf, the version read once from Version.txt unless rmf_version is set).
+        One already there under the bare RESPFILE name, or under any version (an explicit
+        rmf_version: under that one), is not fetched again, and Version.txt is then not read."""
         target_dir = self.responses_dir()
         target_dir.mkdir(parents=True, exist_ok=True)
+        version: list[str] = []
+        version_problem: list[str] = []
+        version_lock = threading.Lock()
+
+        def served_version() -> str | None:
+            with version_lock:
+                if not version and not version_problem:
+                    try:
+                        version.append(self.served_rmf_version())
+                    except (DownloadError, UserError) as error:
+                        version_problem.append(getattr(error, "reason", None) or str(error))
+            return version[0] if version else None
 
         def fetch(name: str) -> QuarantineRecord | None:
-            url = self.rmf_url + _versioned_rmf_name(name)
             if not RMF_NAME_PATTERN.match(name):
                 return QuarantineRecord("download", f"RESPFILE {name!r} is not a plain .rmf file name",
                                         respfiles[name][0], -1, "")
-            final = target_dir / _versioned_rmf_name(name)
-            if final.is_file() or (target_dir / name).is_file():
+            if (target_dir / name).is_file():
+                return None
+            stem = name[: -len(".rmf")]
+            if self.rmf_version is None and any(target_dir.glob(f"{glob.escape(stem)}_v*.rmf")):
+                return None  # already fetched (under the version served then): no request at all
+            suffix = served_version()
+            if suffix is None:
+                where = self.rmf_url + RMF_VERSION_FILE
+                return QuarantineRecord(
+                    "download", f"RMF {name}: cannot tell the canned-matrix version ({where}: "
+                    f"{version_problem[0]}; set rmf_version / --rmf-version); "
+                    f"needed by {', '.join(respfiles[name])}",
+                    respfiles[name][0], -1, where)
+            url = self.rmf_url + _versioned_rmf_name(name, suffix)
+            final = target_dir / _versioned_rmf_name(name, suffix)
+            if final.is_file():
                 return None
             tmp = self._staging / f"rmf-{name}"
             try:
@@ -611,6 +443,36 @@ class XSAArchive(Archive):
                                     respfiles[name][0], -1, url)
 
         return [r for r in pool.map(fetch, sorted(respfiles)) if r is not None]
+
+    def served_rmf_version(self) -> str:
+        """The canned matrices' version suffix: rmf_version when set, else the calibration site's
+        PN/Version.txt (what astroquery.esa.xmm_newton reads), e.g. '_v22.0'."""
+        if self.rmf_version:
+            return self.rmf_version
+        url = self.rmf_url + RMF_VERSION_FILE
+        tmp = self._staging / "rmf-version.txt"
+        try:
+            download_to_file(url, tmp, self.policy, self.stats)
+            text = tmp.read_bytes()[:200].decode("utf-8", "replace")
+        finally:
+            tmp.unlink(missing_ok=True)
+        return validate_rmf_version(text, url)
+
+
+def _no_product_text(path: Path) -> str | None:
+    """The text of a short plain-text answer (the servlet's 'nothing here'), else None."""
+    if path.stat().st_size > NO_PRODUCT_MAX_BYTES:
+        return None
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b" or raw[:6] == b"SIMPLE" or (len(raw) >= 262 and raw[257:262] == b"ustar"):
+        return None
+    try:
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None
+    if not text or not all(c.isprintable() or c in "\r\n\t" for c in text):
+        return None
+    return " ".join(text.split())[:200]
 
 
 def _claim_staging(partial: Path) -> Path:
@@ -648,9 +510,10 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _versioned_rmf_name(name: str) -> str:
+def _versioned_rmf_name(name: str, version: str) -> str:
+    """'epn_e3_ff20_sdY9.rmf' + '_v22.0' -> 'epn_e3_ff20_sdY9_v22.0.rmf' (a versioned name is kept)."""
     stem = name[: -len(".rmf")]
-    return name if re.search(r"_v\d+\.\d+$", stem) else f"{stem}{RMF_VERSION_SUFFIX}.rmf"
+    return name if re.search(r"_v\d+\.\d+$", stem) else f"{stem}{version}.rmf"
 
 
 def _single_file_name(request: ProductRequest, headers: dict[str, str]) -> str:
@@ -671,28 +534,3 @@ def _is_tar(path: Path) -> bool:
             except (OSError, EOFError):
                 return False
     return len(head) >= 262 and head[257:262] == b"ustar"
-
-
-def _votable_frame(table) -> pd.DataFrame:
-    """A TAP result as a DataFrame: masked values as NaN/None, bytes decoded, names lower case."""
-    data = {}
-    for name in table.colnames:
-        column = table[name]
-        values = np.ma.asarray(column)
-        mask = np.ma.getmaskarray(values)
-        if values.dtype.kind in "SUO":
-            decoded = [v.decode() if isinstance(v, bytes) else v for v in values.data]
-            series = pd.Series([None if m else v for v, m in zip(decoded, mask)], dtype=object)
-        elif values.dtype.kind in "iub" and mask.any():
-            series = pd.Series(pd.array(values.data, dtype="Int64")).mask(mask)
-        elif values.dtype.kind == "f":
-            series = pd.Series(np.where(mask, np.nan, values.data))
-        else:
-            series = pd.Series(values.data)
-        data[name.lower()] = series
-    return pd.DataFrame(data)
-
-
-def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]

@@ -108,6 +108,18 @@ class ArchiveResource(ConfigurableResource):
     rmf_url: str = Field(default=DEFAULT_RMF_URL, description="XSA: folder of the canned pn RMFs.")
     tap_table: str = Field(default="", description="XSA: catalogue table (empty: the client's default).")
     catalogue_file: str = Field(default="", description="XSA: a local catalogue FITS file instead of TAP.")
+    column_map: str = Field(
+        default="",
+        description="XSA: catalogue columns served under names no release adapter knows, "
+        "'canonical=served,...' (as `xmm-pipeline download --column-map`).",
+    )
+    rmf_version: str = Field(
+        default="", description="XSA: canned-matrix version suffix, e.g. _v22.0 (empty: read Version.txt)."
+    )
+    observations_table: str = Field(
+        default="xsa.v_all_observations",
+        description="XSA: table with proprietary_end_date per observation_id (empty: no check).",
+    )
     max_concurrency: int = Field(default=4, description="XSA: parallel downloads per process.")
     timeout_s: float = Field(default=60.0, description="XSA: timeout of one request (seconds).")
     retries: int = Field(default=4, description="XSA: retries after a timeout, reset, 5xx or 429.")
@@ -122,7 +134,7 @@ class ArchiveResource(ConfigurableResource):
 
     def get_archive(self) -> Archive:
         if self.kind == "xsa":
-            from xmm_pipeline.archive.xsa import XSAArchive
+            from xmm_pipeline.archive.xsa import XSAArchive, parse_column_map
 
             options = {"table": self.tap_table} if self.tap_table else {}
             if self.catalogue_file:
@@ -137,6 +149,9 @@ class ArchiveResource(ConfigurableResource):
                 retries=self.retries,
                 backoff_s=self.backoff_s,
                 release=self.xsa_release or None,
+                column_map=parse_column_map(self.column_map),
+                rmf_version=self.rmf_version or None,
+                observations_table=self.observations_table,
                 **options,
             )
         from xmm_pipeline.archive.simulated import SimulatedArchive

@@ -145,16 +145,20 @@ def select_detections(
     """The detections whose pn spectrum enters the training set, and how many were dropped, by reason.
 
     Each detection is counted once, under the first rule it fails, in the order of DROP_REASONS:
-    no pn exposure (pn_ontime missing or <= 0); SUM_FLAG > max_sum_flag; extended (ep_extent > 0,
+    no pn exposure (pn_ontime <= 0, or pn_ontime and pn_8_cts both missing: a catalogue leaves the pn
+    columns null where the pn did not observe); SUM_FLAG > max_sum_flag; extended (ep_extent > 0,
     when point-like sources are required); pn_8_cts not above min_counts; and one spectrum per source
     per observation: where a srcid appears more than once in an obs_id, the detection with the most pn
-    counts is kept (ties: the lowest detid).
+    counts is kept (ties: the lowest detid). A missing pn_ontime or ep_extent (a catalogue without
+    those columns) is unknown, not a reason to drop: pn counts show the pn observed the source.
     """
     frame = catalogue.reset_index(drop=True)
     remaining = np.ones(len(frame), dtype=bool)
     dropped: dict[str, int] = {}
+    ontime_s = frame["pn_ontime"].astype("float64").to_numpy()
+    pn_counts = frame["pn_8_cts"].astype("float64").to_numpy()
     rules = {
-        "no_pn_exposure": ~(frame["pn_ontime"].astype("float64").fillna(0).to_numpy() > 0),
+        "no_pn_exposure": (ontime_s <= 0) | (np.isnan(ontime_s) & np.isnan(pn_counts)),
         "flagged": frame["sum_flag"].astype("float64").fillna(99).to_numpy() > config.max_sum_flag,
         "extended": (frame["ep_extent"].astype("float64").fillna(0).to_numpy() > 0)
         if config.require_point_like
@@ -585,10 +589,15 @@ def reason_category(reason: str) -> str:
 
 
 def read_catalogue(archive_dir: Path) -> pd.DataFrame:
+    """ARCHIVE/catalogue.parquet in the canonical schema; it needs only the required columns
+    (archive.catalogue.REQUIRED_COLUMNS), the others get their documented defaults."""
     path = Path(archive_dir) / CATALOGUE_FILE
     if not path.is_file():
         raise UserError(f"{path}: no catalogue (is {archive_dir} an archive folder?)")
-    return as_canonical(pd.read_parquet(path))
+    try:
+        return as_canonical(pd.read_parquet(path))
+    except UserError as error:
+        raise UserError(f"{path}: {error}") from None
 
 
 def preprocess_archive(

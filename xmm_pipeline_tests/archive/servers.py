@@ -2,8 +2,10 @@
 
 - `TapServer`: TAP sync and async (UWS jobs) answering a subset of ADQL with VOTables, including
   TAP_SCHEMA.tables/columns, over a catalogue in 4XMM (per-detection) or 5XMM (stacked) flavour.
-- `AioServer`: the AIO servlet over an archive folder (tars per observation, single products,
-  canned RMFs under /rmf/), with fault injection per observation or RMF name.
+- `AioServer`: the AIO servlet over an archive folder (tars per observation, single products),
+  and the calibration site's canned RMFs under /rmf/: `Version.txt` holds the served version suffix
+  and matrices are served only under `<stem><version>.rmf`, as the real site does; fault injection
+  per observation or RMF name (including 'no-results': 200 with the servlet's short text body).
 
 Both are stdlib `http.server` instances in a daemon thread on an ephemeral port; `close()` (or the
 context manager) shuts them down. Every request is logged so tests can count what a client did.
@@ -389,6 +391,8 @@ class TapCatalogue:
     table_name: str
     frame: pd.DataFrame
     description: str = ""
+    # xsa.v_all_observations rows (observation_id, proprietary_end_date); None: the table is absent
+    observations: pd.DataFrame | None = None
 
 
 @dataclass
@@ -469,8 +473,11 @@ class TapServer(LoopbackServer):
             "column_name": [str(c) for c in frame.columns],
             "datatype": [str(frame[c].dtype) for c in frame.columns],
         })
-        return {self.catalogue.table_name: frame, "TAP_SCHEMA.tables": tap_tables,
-                "TAP_SCHEMA.columns": tap_columns}
+        tables = {self.catalogue.table_name: frame, "TAP_SCHEMA.tables": tap_tables,
+                  "TAP_SCHEMA.columns": tap_columns}
+        if self.catalogue.observations is not None:
+            tables["xsa.v_all_observations"] = self.catalogue.observations
+        return tables
 
     def execute(self, query: str, maxrec: str | None) -> tuple[int, bytes]:
         try:
@@ -514,7 +521,9 @@ class TapServer(LoopbackServer):
 
 
 FAULTS = ("500", "500-once", "429-once", "slow", "slow-once", "reset", "reset-once", "truncated-gzip",
-          "corrupt-fits", "401", "404", "unsafe-tar", "trickle")
+          "corrupt-fits", "401", "404", "unsafe-tar", "trickle", "no-results")
+# What the AIO servlet answers (HTTP 200, text/plain) for a request that matches nothing.
+NO_RESULTS_BODY = b"No results found for the given parameters\n"
 
 
 @dataclass
@@ -574,6 +583,9 @@ class _AioHandler(_Handler):
             return
         if fault == "slow" or (fault == "slow-once" and first):
             time.sleep(faults.slow_s)
+        if fault == "no-results":
+            self.send(200, NO_RESULTS_BODY, "text/plain;charset=UTF-8")
+            return
         made = make_body()
         if made is None:
             self.send(404, b"no such product")
@@ -596,9 +608,12 @@ class _AioHandler(_Handler):
 class AioServer(LoopbackServer):
     """The AIO servlet on /aio over `archive_root`, canned RMFs on /rmf/<name>, with `faults`."""
 
-    def __init__(self, archive_root: Path, faults: AioFaults | None = None) -> None:
+    def __init__(
+        self, archive_root: Path, faults: AioFaults | None = None, rmf_version: str = "_v21.0"
+    ) -> None:
         self.archive_root = Path(archive_root)
         self.faults = faults or AioFaults()
+        self.rmf_version = rmf_version
         super().__init__(_AioHandler)
         self.aio_url = f"{self.url}/aio"
         self.rmf_url = f"{self.url}/rmf/"
@@ -637,9 +652,15 @@ class AioServer(LoopbackServer):
         return None
 
     def rmf_body(self, name: str) -> bytes | None:
+        """Version.txt, or the matrix `<stem><rmf_version>.rmf` (any other version: None, a 404),
+        read from the archive folder under its bare or any versioned name."""
+        if name == "Version.txt":
+            return f"{self.rmf_version}\n".encode()
+        if not name.endswith(f"{self.rmf_version}.rmf"):
+            return None
+        stem = name[: -len(f"{self.rmf_version}.rmf")]
         folder = self.archive_root / "responses" / "PN"
-        for candidate in (name, re.sub(r"_v\d+\.\d+\.rmf$", ".rmf", name)):
-            path = folder / candidate
+        for path in [folder / f"{stem}.rmf", *sorted(folder.glob(f"{stem}_v*.rmf"))]:
             if path.is_file():
                 data = path.read_bytes()
                 if self.faults.by_key.get(name) == "corrupt-fits":
@@ -694,6 +715,25 @@ def as_5xmm_table(canonical: pd.DataFrame, upper_limit_every: int = 3) -> pd.Dat
     for name in ("pps_srcnum", "n_obs", "sum_flag"):
         frame[name] = pd.array(frame[name], dtype="Int64")
     return frame
+
+
+# 5XMM-DR15 column names that differ from the 4XMM ones (BRIEF section 3; the stacked catalogue's
+# user guide): the table as XSA's v_epic_source_cat may now serve it.
+FIVEXMM_RENAMED = {"mjd_start": "mjd_first", "mjd_stop": "mjd_last", "ep_8_flux": "ep_flux",
+                   "ep_extent": "extent"}
+
+
+def as_5xmm_named_table(canonical: pd.DataFrame, upper_limit_every: int = 3) -> pd.DataFrame:
+    """The stacked flavour under the 5XMM-DR15 names (mjd_first, mjd_last, ep_flux, extent, n_obs,
+    pps_srcnum; no detid, src_num)."""
+    return as_5xmm_table(canonical, upper_limit_every).rename(columns=FIVEXMM_RENAMED)
+
+
+def as_heasarc_table(canonical: pd.DataFrame, stacked: bool = False) -> pd.DataFrame:
+    """HEASARC's copies: xmmssc (4XMM) or xmmstack (5XMM), the observation served as `obsid` and the
+    IAU name as `name`."""
+    table = as_5xmm_named_table(canonical) if stacked else as_4xmm_table(canonical)
+    return table.rename(columns={"obs_id": "obsid", "iauname": "name"})
 
 
 def write_test_archive(root: Path, n_obs: int = 4, sources_per_obs: int = 3, seed: int = 0,

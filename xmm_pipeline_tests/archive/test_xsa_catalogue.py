@@ -159,7 +159,7 @@ def test_unknown_schema_is_a_clear_error(releases, tap: TapServer, tmp_path: Pat
 def test_column_map_for_renaming_services(releases, tap: TapServer, tmp_path: Path) -> None:
     renamed = as_4xmm_table(releases["DR14"]).rename(columns={"obs_id": "obsid", "pn_8_cts": "pn_counts"})
     tap.catalogue = TapCatalogue("xmmssc", renamed, "HEASARC-style")
-    mapping = {"obsid": "obs_id", "pn_counts": "pn_8_cts"}
+    mapping = {"obs_id": "obsid", "pn_8_cts": "pn_counts"}  # canonical -> served
     archive = _archive(tmp_path, tap, table="xmmssc", column_map=mapping)
     out = archive.fetch_catalogue()
     pd.testing.assert_frame_equal(out.sort_values("detid").reset_index(drop=True), releases["DR14"])
@@ -207,3 +207,102 @@ def test_adql_helpers_and_server_subset(releases) -> None:
 def test_tap_error_becomes_user_error(tap: TapServer, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="rejected the query"):
         _archive(tmp_path, tap).query("SELECT nothing FROM xsa.v_epic_source_cat")
+
+
+@pytest.mark.parametrize("flavour", ["5xmm-names", "heasarc-xmmstack", "heasarc-xmmssc"])
+def test_catalogue_under_each_release_adapters_names(flavour: str, releases, tap: TapServer,
+                                                     tmp_path: Path) -> None:
+    """The served columns (TAP_SCHEMA.columns) choose the adapter: XSA's 5XMM-DR15 names (mjd_first,
+    mjd_last, ep_flux, extent; no detid, src_num), HEASARC's xmmstack and xmmssc (obsid, name)."""
+    from xmm_pipeline_tests.archive.servers import as_5xmm_named_table, as_heasarc_table
+
+    dr15 = releases["DR15"]
+    table, name = {
+        "5xmm-names": (as_5xmm_named_table(dr15), TABLE),
+        "heasarc-xmmstack": (as_heasarc_table(dr15, stacked=True), "xmmstack"),
+        "heasarc-xmmssc": (as_heasarc_table(dr15), "xmmssc"),
+    }[flavour]
+    tap.catalogue = TapCatalogue(name, table, flavour)
+    archive = _archive(tmp_path, tap, release="DR15", table=name)
+    out = archive.fetch_catalogue().sort_values(["obs_id", "src_num"]).reset_index(drop=True)
+    if flavour == "heasarc-xmmssc":
+        pd.testing.assert_frame_equal(out, dr15.sort_values(["obs_id", "src_num"]).reset_index(drop=True))
+    else:
+        assert (out["detid"] > FIVEXMM_DETID_BASE).all()
+        merged = out.merge(dr15, on=["obs_id", "src_num"], suffixes=("", "_4xmm"))
+        assert len(merged) == len(out) == len(dr15)
+        for column in ("srcid", "pn_8_cts", "mjd_start", "mjd_stop", "ep_8_flux", "n_detections"):
+            np.testing.assert_array_equal(merged[column], merged[f"{column}_4xmm"], err_msg=column)
+    assert archive.release_fingerprint().startswith("5XMM:" if flavour != "heasarc-xmmssc" else "4XMM:")
+    obs_id = sorted(dr15["obs_id"])[0]
+    rows = _archive(tmp_path / "rows", tap, release="DR15", table=name).fetch_catalogue_rows([obs_id])
+    assert set(rows["obs_id"]) == {obs_id} and len(rows) == int((dr15["obs_id"] == obs_id).sum())
+
+
+def test_missing_column_is_one_line_with_the_closest_served_names(releases, tap: TapServer,
+                                                                   tmp_path: Path) -> None:
+    renamed = as_4xmm_table(releases["DR14"]).rename(columns={"pn_8_cts": "pn_8_counts"})
+    tap.catalogue = TapCatalogue(TABLE, renamed)
+    with pytest.raises(UserError) as error:
+        _archive(tmp_path, tap).fetch_catalogue()
+    message = str(error.value)
+    assert "\n" not in message and tap.tap_url in message
+    assert "lacks columns pn_8_cts" in message and "pn_8_cts ~ pn_8_counts" in message, message
+    fixed = _archive(tmp_path, tap, column_map={"pn_8_cts": "pn_8_counts"}).fetch_catalogue()
+    pd.testing.assert_frame_equal(fixed.sort_values("detid").reset_index(drop=True), releases["DR14"])
+    with pytest.raises(UserError, match="no column 'pn_counts'"):
+        _archive(tmp_path / "bad", tap, column_map={"pn_8_cts": "pn_counts"}).fetch_catalogue()
+
+
+def test_fingerprint_queries_only_columns_every_adapter_has(releases, tap: TapServer, tmp_path: Path) -> None:
+    from xmm_pipeline.archive.catalogue import ADAPTERS, COMMON_REQUIRED
+    from xmm_pipeline_tests.archive.servers import as_heasarc_table
+
+    assert "obs_id" in COMMON_REQUIRED and all(set(COMMON_REQUIRED) <= set(a.required) for a in ADAPTERS)
+    tap.catalogue = TapCatalogue("xmmstack", as_heasarc_table(releases["DR15"], stacked=True))
+    sent: list[str] = []
+    archive = _archive(tmp_path, tap, table="xmmstack")
+    original = archive.query
+    archive.query = lambda adql, mode="sync": sent.append(adql) or original(adql, mode)  # type: ignore
+    first = archive.release_fingerprint()
+    catalogue_queries = [q for q in sent if "TAP_SCHEMA" not in q]
+    assert catalogue_queries == ["SELECT COUNT(*) AS n_rows FROM xmmstack",
+                                 "SELECT MAX(obsid) AS latest_obs_id FROM xmmstack",
+                                 "SELECT TOP 1 name FROM xmmstack WHERE name IS NOT NULL"]
+    assert first == _archive(tmp_path, tap, table="xmmstack").release_fingerprint()
+
+
+def test_download_cli_column_map_and_resource_setting(
+    releases, tap: TapServer, tmp_path: Path, capsys
+) -> None:
+    import socket
+
+    from xmm_pipeline.cli import main
+    from xmm_pipeline.orchestration.resources import ArchiveResource
+
+    renamed = as_4xmm_table(releases["DR14"]).rename(columns={"pn_8_cts": "pn_8_counts"})
+    tap.catalogue = TapCatalogue(TABLE, renamed)
+    obs_id = sorted(releases["DR14"]["obs_id"])[0]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}/aio"
+    common = ["--tap-url", tap.tap_url, "--aio-url", closed, "--timeout", "2", "--retries", "0"]
+    assert main(["download", obs_id, "--out", str(tmp_path / "a"), *common]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pn_8_cts ~ pn_8_counts" in err
+    assert not (tmp_path / "a").exists()
+    assert main(["download", obs_id, "--out", str(tmp_path / "b"), *common, "--column-map", "x y"]) == 2
+    assert "is not canonical=served" in capsys.readouterr().err
+    code = main(["download", obs_id, "--out", str(tmp_path / "c"), *common,
+                 "--column-map", "pn_8_cts=pn_8_counts"])
+    assert code == 3, "the catalogue rows came; the AIO on a closed port cannot be reached"
+    rows = pd.read_parquet(tmp_path / "c" / "catalogue.parquet")
+    assert len(rows) == 2 and rows["pn_8_cts"].notna().all()
+
+    resource = ArchiveResource(kind="xsa", root=str(tmp_path / "r"), tap_url=tap.tap_url, tap_table=TABLE,
+                               column_map="pn_8_cts=pn_8_counts, obs_id=obs_id", rmf_version="_v22.0",
+                               observations_table="")
+    archive = resource.get_archive()
+    assert archive.column_map == {"pn_8_cts": "pn_8_counts", "obs_id": "obs_id"}
+    assert archive.rmf_version == "_v22.0" and archive.observations_table == ""
+    assert len(archive.fetch_catalogue()) == len(releases["DR14"])

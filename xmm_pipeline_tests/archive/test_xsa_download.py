@@ -31,7 +31,8 @@ def aio(source: tuple[Path, pd.DataFrame]):
 
 
 def _archive(root: Path, aio: AioServer, **options) -> XSAArchive:
-    settings = {"timeout_s": 0.5, "retries": RETRIES, "backoff_s": 0.01, "max_concurrency": 4}
+    settings = {"timeout_s": 0.5, "retries": RETRIES, "backoff_s": 0.01, "max_concurrency": 4,
+                "observations_table": ""}  # no TAP here: no proprietary-period check
     settings.update(options)
     return XSAArchive(root, aio_url=aio.aio_url, rmf_url=aio.rmf_url, **settings)
 
@@ -52,7 +53,8 @@ def test_download_lands_in_the_layout_and_is_not_repeated(
     assert rmfs == ["epn_e3_ff20_sdY6_v21.0.rmf", "epn_e3_ff20_sdY9_v21.0.rmf"]
     for name in rmfs:
         verify_rmf(archive.responses_dir() / name)
-    assert aio.count(lambda m, p: p.startswith("/rmf/")) == 2
+    assert aio.count(lambda m, p: p.startswith("/rmf/") and p.endswith(".rmf")) == 2
+    assert aio.count(lambda m, p: p == "/rmf/Version.txt") == 1, "the version is read once per run"
     assert not (tmp_path / ".partial").exists()
 
     before = aio.count()
