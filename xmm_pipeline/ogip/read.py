@@ -656,14 +656,14 @@ def check_pn_imaging(pha: Pha) -> None:
     """Refuse a spectrum that is not EPIC-pn imaging-mode data (INSTRUME, DATAMODE, SUBMODE).
 
     The pipeline's grid, canned responses and background model are those of pn imaging modes; a MOS
-    or RGS spectrum, or pn timing/burst data, would be binned and compared as if it were one. A missing
-    DATAMODE or SUBMODE is accepted (hand-made spectra often lack them); a missing INSTRUME is not.
+    or RGS spectrum, or pn timing/burst data, would be binned and compared as if it were one. Pipeline
+    and SAS spectra carry all three keywords; one that is absent (hand-made or simulated files) is not
+    held against the spectrum, one that names anything else is.
     """
     keywords = pha.keywords
-    instrument = str(keywords.get("INSTRUME", "")).strip()
-    if instrument.upper() != PN_INSTRUMENT:
-        shown = instrument or "(absent)"
-        raise ProductError(pha.path, f"INSTRUME = {shown}: not an EPIC-pn spectrum ({PN_INSTRUMENT})")
+    instrument = str(keywords.get("INSTRUME", "") or "").strip()
+    if instrument and instrument.upper() != PN_INSTRUMENT:
+        raise ProductError(pha.path, f"INSTRUME = {instrument}: not an EPIC-pn spectrum ({PN_INSTRUMENT})")
     datamode = str(keywords.get("DATAMODE", "") or "").strip()
     if datamode and datamode.upper() != PN_IMAGING_DATAMODE:
         raise ProductError(pha.path, f"DATAMODE = {datamode}: only pn {PN_IMAGING_DATAMODE} data are used")
