@@ -594,7 +594,11 @@ def preprocess_archive(
     if (archive_dir / CATALOGUE_FILE).is_file() or not product_observations(archive_dir):
         catalogue = read_catalogue(archive_dir)
         selected, dropped = select_detections(catalogue, config)
-        selection = "catalogue"
+        point_like = ", point-like" if config.require_point_like else ""
+        selection = (
+            f"{CATALOGUE_FILE}: pn_8_cts > {config.min_counts:g}, SUM_FLAG <= {config.max_sum_flag}"
+            f"{point_like}, one detection per source and observation"
+        )
     else:
         catalogue = catalogue_from_products(archive_dir)
         selected, dropped = select_on_product_counts(catalogue, config)
