@@ -189,7 +189,7 @@ def _similar(args: argparse.Namespace) -> int:
                 if line:
                     print(line, file=sys.stderr)
         else:
-            print(f"fit: deviance/dof {deviance:.3g} (the latent map carries no deviances to compare with)",
+            print(f"fit: deviance/dof {deviance:.4g} (the latent map carries no deviances to compare with)",
                   file=sys.stderr)
     else:
         from xmm_pipeline.latent.embed import latent_matrix

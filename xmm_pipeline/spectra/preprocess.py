@@ -652,6 +652,8 @@ def preprocess_archive(
 NET_COUNTS_BAND_KEV = (0.2, 12.0)  # the band of the catalogue's pn_8_cts
 PN_CHANNEL_KEV = 0.005  # pn PI channel c spans [c, c + 1) x 5 eV
 _OBS_ID = re.compile(r"^\d{10}$")
+_NULL_WITHOUT_CATALOGUE = ("ra", "dec", "mjd_start", "mjd_stop", "pn_8_cts", "ep_8_flux", "ep_extent")
+_NULL_WITHOUT_CATALOGUE += ("ep_hr1", "ep_hr2", "ep_hr3", "ep_hr4")
 
 
 def product_observations(archive_dir: Path) -> list[str]:
@@ -710,22 +712,7 @@ def _product_row(obs_id: str, src_num: int, found: dict[str, Path]) -> dict:
         "iauname": f"{obs_id} src {src_num:03X}",
         "product_net_counts": np.nan,
     }
-    row |= dict.fromkeys(
-        (
-            "ra",
-            "dec",
-            "mjd_start",
-            "mjd_stop",
-            "pn_8_cts",
-            "ep_8_flux",
-            "ep_extent",
-            "ep_hr1",
-            "ep_hr2",
-            "ep_hr3",
-            "ep_hr4",
-        ),
-        np.nan,
-    )
+    row |= dict.fromkeys(_NULL_WITHOUT_CATALOGUE, np.nan)
     try:
         source = read_pha(spectrum)
     except ProductError:
@@ -751,8 +738,8 @@ def catalogue_from_products(archive_dir: Path) -> pd.DataFrame:
 
     For a folder of PPS products without a catalogue: detid = srcid = product_detid (each detection its
     own source: nothing links detections across observations), iauname "<obs_id> src <HHH>", the
-    observation dates, filter and submode from the spectrum's header, and `product_net_counts`
-    (product_net_counts); catalogue-only columns (coordinates, fluxes, hardness ratios, SUM_FLAG) null.
+    observation dates, filter and submode from the spectrum's header, and a `product_net_counts` column
+    (`product_net_counts`); catalogue-only columns (coordinates, fluxes, hardness ratios, SUM_FLAG) null.
     """
     rows = []
     for obs_id in product_observations(archive_dir):
