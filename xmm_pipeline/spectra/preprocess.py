@@ -592,6 +592,7 @@ def preprocess_archive(
     started = time.perf_counter()
     archive_dir, out_dir = Path(archive_dir), Path(out_dir)
     if (archive_dir / CATALOGUE_FILE).is_file() or not product_observations(archive_dir):
+        _refuse_misplaced_products(archive_dir)
         catalogue = read_catalogue(archive_dir)
         selected, dropped = select_detections(catalogue, config)
         point_like = ", point-like" if config.require_point_like else ""
@@ -667,6 +668,19 @@ def product_observations(archive_dir: Path) -> list[str]:
         if any("SRSPEC" in kinds for kinds in products.values()):
             found.append(name)
     return found
+
+
+def _refuse_misplaced_products(archive_dir: Path) -> None:
+    """A clear error for PPS products given one or two levels too deep (a pps/ or <obs_id>/ folder)."""
+    if (archive_dir / CATALOGUE_FILE).is_file():
+        return
+    levels = ((archive_dir, archive_dir.parent.parent), (archive_dir / "pps", archive_dir.parent))
+    for folder, above in levels:
+        if any("SRSPEC" in kinds for kinds in _observation_products(folder).values()):
+            raise UserError(
+                f"{archive_dir}: PPS products found in {folder}, but the archive layout is "
+                f"ARCHIVE/<obs_id>/pps/: pass the folder above <obs_id> ({above})"
+            )
 
 
 def product_detid(obs_id: str, src_num: int) -> int:

@@ -190,3 +190,8 @@ def test_cli_preprocess_of_a_products_folder(
     empty.mkdir()
     assert main(["preprocess", "--archive", str(empty), "--out", str(tmp_path / "o2")]) == 2
     assert "no catalogue" in capsys.readouterr().err
+    for too_deep in (real_pps_dir / OBS_ID / "pps", real_pps_dir / OBS_ID):
+        assert main(["preprocess", "--archive", str(too_deep), "--out", str(tmp_path / "o3")]) == 2
+        err = capsys.readouterr().err
+        assert "ARCHIVE/<obs_id>/pps/: pass the folder above <obs_id>" in err and str(real_pps_dir) in err
+        assert err.count("\n") == 1
