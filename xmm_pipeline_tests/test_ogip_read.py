@@ -251,3 +251,125 @@ def test_fast_reader_needs_no_astropy_fallback_on_real_files(
         read_pha(folder / background)
         np.testing.assert_array_equal(read_arf(folder / arf).area_cm2, arf_ref.area_cm2)
         np.testing.assert_array_equal(read_rmf(folder / rmf).to_dense(), rmf_ref.to_dense())
+
+
+# ---------------------------------------------------------------- area in the matrix, instrument and mode
+
+CANNED_RMF = ("canned", "epn_e3_ff20_sdY9_v19.0.rmf")
+CANNED_ARF = ("canned", "pn_thin_onaxis.arf")
+
+
+def _altered_rmf(real_pn_dir: Path, out: Path, extname: str, hduclas3: str | None, area=None) -> Path:
+    """A tmp copy of the real canned RMF with its matrix extension renamed and HDUCLAS3 changed (None:
+    removed); `area` (cm^2 per energy row) multiplies the rows, as in a FULL SPECRESP MATRIX."""
+    with fits.open(real_pn_dir.joinpath(*CANNED_RMF)) as hdus:
+        matrix = hdus["MATRIX"]
+        if area is not None:
+            for row, factor in zip(matrix.data["MATRIX"], area):
+                row *= factor
+        matrix.header["EXTNAME"] = extname
+        if hduclas3 is None:
+            del matrix.header["HDUCLAS3"]
+        else:
+            matrix.header["HDUCLAS3"] = hduclas3
+        hdus.writeto(out)
+    return out
+
+
+def test_a_detector_specresp_matrix_holds_no_area(real_pn_dir: Path, tmp_path: Path) -> None:
+    """HDUCLAS3 = DETECTOR under the name SPECRESP MATRIX: rows sum to 1, so no area; the ARF is needed."""
+    from xmm_pipeline.spectra.response import compress_response
+
+    detector = read_rmf(_altered_rmf(real_pn_dir, tmp_path / "det.rmf", "SPECRESP MATRIX", "DETECTOR"))
+    assert not detector.includes_area
+    with pytest.raises(ProductError, match="ARF is needed"):
+        compress_response(detector, None)
+    arf = read_arf(real_pn_dir.joinpath(*CANNED_ARF))
+    area, matrix = compress_response(detector, arf)
+    reference_area, reference_matrix = compress_response(read_rmf(real_pn_dir.joinpath(*CANNED_RMF)), arf)
+    np.testing.assert_allclose(area, reference_area)
+    np.testing.assert_allclose(matrix, reference_matrix)
+    unnamed = read_rmf(_altered_rmf(real_pn_dir, tmp_path / "none.rmf", "SPECRESP MATRIX", None))
+    assert not unnamed.includes_area  # no HDUCLAS3: the row sums (1) decide
+
+
+def test_a_full_matrix_holds_the_area_and_a_contradiction_is_refused(
+    real_pn_dir: Path, tmp_path: Path
+) -> None:
+    from xmm_pipeline.spectra.response import compress_response
+
+    arf = read_arf(real_pn_dir.joinpath(*CANNED_ARF))
+    reference_area, _ = compress_response(read_rmf(real_pn_dir.joinpath(*CANNED_RMF)), arf)
+    for hduclas3 in ("FULL", None):
+        path = _altered_rmf(real_pn_dir, tmp_path / f"full_{hduclas3}.rmf", "SPECRESP MATRIX", hduclas3,
+                            area=arf.area_cm2)
+        full = read_rmf(path)
+        assert full.includes_area
+        area, _ = compress_response(full, None)
+        np.testing.assert_allclose(area, reference_area, rtol=1e-5)
+    lying = _altered_rmf(real_pn_dir, tmp_path / "lying.rmf", "MATRIX", "FULL")
+    with pytest.raises(ProductError, match=r"HDUCLAS3 = FULL .* largest row sum is 1") as error:
+        read_rmf(lying)
+    assert error.value.path == str(lying)
+    redist_with_area = _altered_rmf(real_pn_dir, tmp_path / "area.rmf", "MATRIX", "REDIST", area=arf.area_cm2)
+    with pytest.raises(ProductError, match="HDUCLAS3 = REDIST says the matrix holds no effective area"):
+        read_rmf(redist_with_area)
+
+
+def _altered_spectrum(source: Path, out: Path, **primary) -> Path:
+    with fits.open(source) as hdus:
+        for key, value in primary.items():
+            if value is None:
+                del hdus[0].header[key]
+                if key in hdus["SPECTRUM"].header:
+                    del hdus["SPECTRUM"].header[key]
+            else:
+                hdus[0].header[key] = value
+                if key in hdus["SPECTRUM"].header:
+                    hdus["SPECTRUM"].header[key] = value
+        hdus.writeto(out)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("header", "reason"),
+    [
+        ({"INSTRUME": "EMOS1"}, "INSTRUME = EMOS1: not an EPIC-pn spectrum"),
+        ({"INSTRUME": "RGS1"}, "INSTRUME = RGS1: not an EPIC-pn spectrum"),
+        ({"DATAMODE": "TIMING", "SUBMODE": "FastTiming"}, "DATAMODE = TIMING: only pn IMAGING"),
+        ({"DATAMODE": "BURST", "SUBMODE": "FastBurst"}, "DATAMODE = BURST"),
+        ({"SUBMODE": "FastTiming"}, "SUBMODE = FastTiming: not a pn imaging mode"),
+        ({"DATAMODE": None, "SUBMODE": "FastBurst"}, "SUBMODE = FastBurst"),
+    ],
+)
+def test_only_pn_imaging_spectra_pass(real_pn_dir: Path, tmp_path: Path, header: dict, reason: str) -> None:
+    from xmm_pipeline.ogip.read import check_pn_imaging
+
+    source = real_pn_dir / "igr_j18490" / "PN_PWN.fits"
+    check_pn_imaging(read_pha(source))
+    altered = _altered_spectrum(source, tmp_path / "altered.fits", **header)
+    with pytest.raises(ProductError, match=reason) as error:
+        check_pn_imaging(read_pha(altered))
+    assert error.value.path == str(altered)
+
+
+def test_every_real_spectrum_is_pn_imaging(real_pn_dir: Path) -> None:
+    from xmm_pipeline.ogip.read import PN_IMAGING_SUBMODES, check_pn_imaging
+
+    for name, (spectrum, background, *_) in REAL_SETS.items():
+        for path in (real_pn_dir / name / spectrum, real_pn_dir / name / background):
+            pha = read_pha(path)
+            check_pn_imaging(pha)
+            assert pha.keywords["DATAMODE"] == "IMAGING" and pha.keywords["SUBMODE"] in PN_IMAGING_SUBMODES
+
+
+@pytest.mark.parametrize(
+    "header",
+    [{"SUBMODE": "PrimeFullWindowExtended"}, {"SUBMODE": "PrimeLargeWindow"}, {"SUBMODE": "PrimeSmallWindow"},
+     {"SUBMODE": None, "DATAMODE": None, "INSTRUME": None}],
+)
+def test_other_imaging_modes_and_silent_headers_pass(real_pn_dir: Path, tmp_path: Path, header: dict) -> None:
+    from xmm_pipeline.ogip.read import check_pn_imaging
+
+    source = real_pn_dir / "igr_j18490" / "PN_PWN.fits"
+    check_pn_imaging(read_pha(_altered_spectrum(source, tmp_path / "mode.fits", **header)))

@@ -227,8 +227,18 @@ def _similar(args: argparse.Namespace) -> int:
     latent_index = layout.load_index()
     classes = layout.read_classes()
     if args.spectrum is not None:
-        vectors, labels = _encode_user_spectrum(args, layout)
+        vectors, labels, deviance = _encode_user_spectrum(args, layout)
         exclude: list[set[int]] = [set()]
+        if "deviance_per_dof" in embeddings:
+            from xmm_pipeline.latent.fit_quality import fit_quality
+
+            fit = fit_quality(deviance, embeddings["deviance_per_dof"].to_numpy())
+            for line in (fit.line(), fit.warning()):
+                if line:
+                    print(line, file=sys.stderr)
+        else:
+            print(f"fit: deviance/dof {deviance:.4g} (the latent map carries no deviances to compare with)",
+                  file=sys.stderr)
     else:
         from xmm_pipeline.latent.embed import latent_matrix
 
@@ -246,6 +256,7 @@ def _similar(args: argparse.Namespace) -> int:
 
 
 def _encode_user_spectrum(args: argparse.Namespace, layout):
+    """(latent mean [1, D], label, deviance/dof of the model's reconstruction) of the --spectrum file."""
     from xmm_pipeline.errors import UserError
     from xmm_pipeline.model.train import load_artifact
     from xmm_pipeline.spectra.preprocess import spectrum_to_dataset
@@ -258,7 +269,7 @@ def _encode_user_spectrum(args: argparse.Namespace, layout):
         raise UserError(f"spectrum file not found: {args.spectrum}")
     dataset = spectrum_to_dataset(args.spectrum, args.background, args.arf, args.rmf, grid=artifact.grid)
     mu, _ = artifact.encode(dataset)
-    return mu, [Path(args.spectrum).name]
+    return mu, [Path(args.spectrum).name], float(artifact.deviance_per_dof(dataset)[0])
 
 
 def _outliers(args: argparse.Namespace) -> int:

@@ -1,4 +1,8 @@
-"""`xmm-pipeline preprocess --archive DIR --out DIR`: select, bin and unfold pn spectra into Parquet."""
+"""`xmm-pipeline preprocess --archive DIR --out DIR`: select, bin and unfold pn spectra into Parquet.
+
+DIR is an archive folder: catalogue.parquet and <obs_id>/pps/ product folders, or the product folders
+alone (a user's own PPS products), which are then selected on their own net counts.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,15 @@ from xmm_pipeline.errors import UserError
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument(
-        "--archive", required=True, type=Path, help="archive folder (catalogue.parquet, <obs_id>/pps)"
+        "--archive",
+        required=True,
+        type=Path,
+        help="archive folder: <obs_id>/pps/ products and catalogue.parquet (without it: own net counts)",
+    )
+    parser.add_argument(
+        "--responses",
+        type=Path,
+        help="folder of the canned RMFs named by RESPFILE (default: ARCHIVE/responses/PN)",
     )
     parser.add_argument("--out", required=True, type=Path, help="output folder for the Parquet spectra")
     parser.add_argument(
@@ -30,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.archive.is_dir():
         raise UserError(f"{args.archive}: archive folder not found")
+    if args.responses is not None and not args.responses.is_dir():
+        raise UserError(f"{args.responses}: responses folder not found")
     if args.min_counts < 0:
         raise UserError(f"--min-counts must be >= 0, got {args.min_counts}")
     config = PreprocessConfig(
@@ -40,7 +54,9 @@ def run(args: argparse.Namespace) -> int:
     except OSError as error:
         raise UserError(f"{args.out}: cannot create output folder ({error.strerror})") from None
     with Progress("preprocess", "spectra") as progress:
-        summary = preprocess_archive(args.archive, args.out, config, progress=progress)
+        summary = preprocess_archive(
+            args.archive, args.out, config, progress=progress, responses_dir=args.responses
+        )
     for line in summary.lines():
         print(line)
     print(f"spectra in {args.out} ({summary.seconds:.1f} s)")

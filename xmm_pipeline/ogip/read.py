@@ -27,6 +27,16 @@ _CARD = 80
 _TFORM = re.compile(r"^\s*(\d*)\s*([LXBIJKAEDCMPQ])")
 _FITS_DTYPES = {"L": "i1", "B": "u1", "I": ">i2", "J": ">i4", "K": ">i8", "E": ">f4", "D": ">f8"}
 _NO_LINK = {"", "NONE", "NONE.FITS"}
+# A matrix row of pure redistribution (HDUCLAS3 REDIST) sums to 1, one with detector efficiency
+# (DETECTOR) to at most 1; an effective area in cm^2 (FULL) reaches hundreds. Between the two nothing
+# real lies: a largest row sum above this many cm^2 is an area.
+AREA_ROW_SUM_MIN = 1.5
+_AREA_HDUCLAS3 = {"FULL": True, "REDIST": False, "DETECTOR": False}
+# EPIC-pn imaging modes (SUBMODE as the pipeline writes it); timing and burst data have another
+# response and background and are refused, as are the other instruments.
+PN_INSTRUMENT = "EPN"
+PN_IMAGING_DATAMODE = "IMAGING"
+PN_IMAGING_SUBMODES = ("PrimeFullWindow", "PrimeFullWindowExtended", "PrimeLargeWindow", "PrimeSmallWindow")
 _Table = tuple[Mapping[str, Any], dict[str, np.ndarray], str]  # keywords, columns by name, EXTNAME
 
 
@@ -63,7 +73,7 @@ class Rmf:
 
     Element values of group g are `values[offset[g] : offset[g] + group_n_chan[g]]`, channel indices
     (zero-based into `channel`) `group_first_channel[g] + arange(group_n_chan[g])`.
-    `includes_area` is True for a SPECRESP MATRIX (effective area folded in, HDUCLAS3 FULL).
+    `includes_area` says whether the effective area is folded into the rows (see `matrix_holds_area`).
     """
 
     path: Path
@@ -454,7 +464,18 @@ def read_pha(path: str | Path) -> Pha:
         quality = np.full(n, int(header.get("QUALITY", 0) or 0), dtype=np.int16)
     keywords = {
         key: header[key]
-        for key in ("TELESCOP", "INSTRUME", "FILTER", "OBS_ID", "OBJECT", "DATE-OBS", "HDUCLAS2", "SUBMODE")
+        for key in (
+            "TELESCOP",
+            "INSTRUME",
+            "FILTER",
+            "OBS_ID",
+            "OBJECT",
+            "DATE-OBS",
+            "DATE-END",
+            "HDUCLAS2",
+            "DATAMODE",
+            "SUBMODE",
+        )
         if key in header
     }
     return Pha(
@@ -592,6 +613,10 @@ def read_rmf(path: str | Path) -> Rmf:
     if not np.all(np.isfinite(values)):
         raise ProductError(path, "NaN in MATRIX")
     keep = n_chan > 0
+    row_sum = np.bincount(
+        np.repeat(group_row, n_chan), weights=values.astype(np.float64), minlength=len(n_grp)
+    )
+    hduclas3 = str(header.get("HDUCLAS3", "")).strip().upper()
     return Rmf(
         path=path,
         energy_lo_kev=lo,
@@ -603,6 +628,47 @@ def read_rmf(path: str | Path) -> Rmf:
         group_first_channel=first[keep].astype(np.int32),
         group_n_chan=n_chan[keep].astype(np.int32),
         values=values,
-        includes_area=matrix_name == "SPECRESP MATRIX"
-        or str(header.get("HDUCLAS3", "")).strip().upper() == "FULL",
+        includes_area=matrix_holds_area(path, hduclas3, float(row_sum.max()) if len(row_sum) else 0.0),
     )
+
+
+def matrix_holds_area(path: Path, hduclas3: str, max_row_sum: float) -> bool:
+    """Whether an RMF's rows carry the effective area (cm^2), from HDUCLAS3 and the row sums.
+
+    OGIP CAL/GEN/92-002: HDUCLAS3 REDIST (redistribution only) and DETECTOR (with detector
+    efficiency) hold no area, FULL holds all of it. The extension name says nothing: a SPECRESP MATRIX
+    may be DETECTOR. Where HDUCLAS3 is absent or another word, the row sums decide; where it contradicts
+    the row sums the matrix is refused rather than guessed at.
+    """
+    by_sums = max_row_sum > AREA_ROW_SUM_MIN
+    by_header = _AREA_HDUCLAS3.get(hduclas3)
+    if by_header is None or by_header == by_sums:
+        return by_sums
+    held = "holds an effective area" if by_header else "holds no effective area"
+    raise ProductError(
+        path,
+        f"HDUCLAS3 = {hduclas3} says the matrix {held}, but its largest row sum is {max_row_sum:.4g}: "
+        "the header contradicts the matrix",
+    )
+
+
+def check_pn_imaging(pha: Pha) -> None:
+    """Refuse a spectrum that is not EPIC-pn imaging-mode data (INSTRUME, DATAMODE, SUBMODE).
+
+    The pipeline's grid, canned responses and background model are those of pn imaging modes; a MOS
+    or RGS spectrum, or pn timing/burst data, would be binned and compared as if it were one. Pipeline
+    and SAS spectra carry all three keywords; one that is absent (hand-made or simulated files) is not
+    held against the spectrum, one that names anything else is.
+    """
+    keywords = pha.keywords
+    instrument = str(keywords.get("INSTRUME", "") or "").strip()
+    if instrument and instrument.upper() != PN_INSTRUMENT:
+        raise ProductError(pha.path, f"INSTRUME = {instrument}: not an EPIC-pn spectrum ({PN_INSTRUMENT})")
+    datamode = str(keywords.get("DATAMODE", "") or "").strip()
+    if datamode and datamode.upper() != PN_IMAGING_DATAMODE:
+        raise ProductError(pha.path, f"DATAMODE = {datamode}: only pn {PN_IMAGING_DATAMODE} data are used")
+    submode = str(keywords.get("SUBMODE", "") or "").strip()
+    if submode and submode.lower() not in {mode.lower() for mode in PN_IMAGING_SUBMODES}:
+        raise ProductError(
+            pha.path, f"SUBMODE = {submode}: not a pn imaging mode ({', '.join(PN_IMAGING_SUBMODES)})"
+        )

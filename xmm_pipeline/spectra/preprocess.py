@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 from xmm_pipeline.archive.base import CATALOGUE_FILE, RESPONSES_SUBDIR
 from xmm_pipeline.archive.catalogue import as_canonical
 from xmm_pipeline.errors import ProductError, UserError
-from xmm_pipeline.ogip.read import Arf, Pha, read_arf, read_pha
+from xmm_pipeline.ogip.read import Arf, Pha, check_pn_imaging, read_arf, read_pha
 from xmm_pipeline.spectra.dataset import RESPONSES_FILE, SPECTRA_SUBDIR, SpectralDataset
 from xmm_pipeline.spectra.grid import DEFAULT_GRID, EnergyGrid
 from xmm_pipeline.spectra.response import CompressedRmf, ResponseCache, fold_compressed
@@ -124,9 +124,11 @@ class PreprocessSummary:
     observations_skipped: int
     stale_removed: int
     seconds: float
+    selection: str = "catalogue"
 
     def lines(self) -> list[str]:
         out = [
+            f"selection: {self.selection}",
             f"catalogue rows: {self.catalogue_rows}; selected: {self.selected}; written: {self.written}",
             f"observations: {self.observations} ({self.observations_skipped} unchanged, skipped)",
         ]
@@ -327,6 +329,7 @@ def bin_spectrum(
 def _spectrum_arrays(
     source: Pha, background: Path, arf: Path | None, rmf: Path | None, cache: ResponseCache
 ) -> dict:
+    check_pn_imaging(source)
     if rmf is None:
         raise ProductError(source.path, f"RMF {source.respfile or '(RESPFILE not set)'} not found")
     response = cache.get(rmf)
@@ -462,9 +465,12 @@ def preprocess_observation(
     out_dir: Path,
     config: PreprocessConfig,
     cache: ResponseCache,
+    responses_dir: Path | None = None,
 ) -> ObservationResult:
     """Preprocess the selected detections of one observation into out_dir/spectra/<obs_id>.parquet.
 
+    RMFs named by RESPFILE are looked for beside the spectrum, then in `responses_dir` (default
+    archive_dir/responses/PN).
     Skipped (files untouched) when that file exists with the same input hash: the catalogue values the
     file carries (not e.g. `release` or `n_detections`, which a new release changes everywhere), the
     product file contents, the grid and preprocess_version(). Bad products go to the returned
@@ -494,7 +500,7 @@ def preprocess_observation(
         )
     if cache.grid != config.grid:
         raise ValueError(f"ResponseCache grid {cache.grid} differs from the config's {config.grid}")
-    responses_dir = archive_dir / RESPONSES_SUBDIR
+    responses_dir = Path(responses_dir) if responses_dir is not None else archive_dir / RESPONSES_SUBDIR
     records, quarantine, missing = [], [], 0
     for row in rows:
         found = _spectrum_products(products, int(row["src_num"]))
@@ -606,19 +612,38 @@ def preprocess_archive(
     config: PreprocessConfig = PreprocessConfig(),
     cache: ResponseCache | None = None,
     progress: Callable[[int, int], None] | None = None,
+    responses_dir: Path | None = None,
 ) -> PreprocessSummary:
     """Select, then preprocess observation by observation (memory flat), then write the run's tables.
 
     Writes out_dir/spectra/<obs_id>.parquet (unchanged observations skipped), responses.parquet,
     quarantine.parquet and selection.json; removes per-observation files of observations that no
     longer have a selected detection, so the folder always loads as this catalogue's dataset.
-    Pass a `cache` to share compressed RMFs across calls in one process; `progress(done, total)` is
-    called with the selected detections handled after each observation.
+    An archive folder without catalogue.parquet but with <obs_id>/pps/ product folders (a user's own
+    PPS products) is selected on the products' own net counts instead (`catalogue_from_products`).
+    Pass a `cache` to share compressed RMFs across calls in one process; `responses_dir` is where the
+    canned RMFs are (default archive_dir/responses/PN); `progress(done, total)` is called with the
+    selected detections handled after each observation.
     """
     started = time.perf_counter()
     archive_dir, out_dir = Path(archive_dir), Path(out_dir)
-    catalogue = read_catalogue(archive_dir)
-    selected, dropped = select_detections(catalogue, config)
+    if (archive_dir / CATALOGUE_FILE).is_file() or not product_observations(archive_dir):
+        _refuse_misplaced_products(archive_dir)
+        catalogue = read_catalogue(archive_dir)
+        selected, dropped = select_detections(catalogue, config)
+        point_like = ", point-like" if config.require_point_like else ""
+        selection = (
+            f"{CATALOGUE_FILE}: pn_8_cts > {config.min_counts:g}, SUM_FLAG <= {config.max_sum_flag}"
+            f"{point_like}, one detection per source and observation"
+        )
+    else:
+        catalogue = catalogue_from_products(archive_dir)
+        selected, dropped = select_on_product_counts(catalogue, config)
+        selection = (
+            f"no {CATALOGUE_FILE}: selected on the products' own net counts "
+            f"({NET_COUNTS_BAND_KEV[0]}-{NET_COUNTS_BAND_KEV[1]} keV, > {config.min_counts:g}); "
+            "SUM_FLAG, extent and duplicates not applied"
+        )
     cache = cache if cache is not None else ResponseCache(config.grid)
     quarantine: list[QuarantineRecord] = []
     written = skipped = 0
@@ -627,7 +652,7 @@ def preprocess_archive(
     plain = selected.astype({name: object for name in selected.columns if selected[name].dtype == "string"})
     handled = 0
     for obs_id, rows in plain.groupby("obs_id", sort=True):
-        result = preprocess_observation(rows, archive_dir, out_dir, config, cache)
+        result = preprocess_observation(rows, archive_dir, out_dir, config, cache, responses_dir)
         obs_ids.append(str(obs_id))
         written += result.n_written
         skipped += int(result.skipped)
@@ -656,10 +681,145 @@ def preprocess_archive(
         observations_skipped=skipped,
         stale_removed=len(stale),
         seconds=time.perf_counter() - started,
+        selection=selection,
     )
-    selection = asdict(summary) | {"config": asdict(config), "version": preprocess_version()}
-    write_json_atomic(out_dir / SELECTION_FILE, selection)
+    record = asdict(summary) | {"config": asdict(config), "version": preprocess_version()}
+    write_json_atomic(out_dir / SELECTION_FILE, record)
     return summary
+
+
+# ---------------------------------------------------------------- products without a catalogue
+
+NET_COUNTS_BAND_KEV = (0.2, 12.0)  # the band of the catalogue's pn_8_cts
+PN_CHANNEL_KEV = 0.005  # pn PI channel c spans [c, c + 1) x 5 eV
+_OBS_ID = re.compile(r"^\d{10}$")
+_NULL_WITHOUT_CATALOGUE = ("ra", "dec", "mjd_start", "mjd_stop", "pn_8_cts", "ep_8_flux", "ep_extent")
+_NULL_WITHOUT_CATALOGUE += ("ep_hr1", "ep_hr2", "ep_hr3", "ep_hr4")
+
+
+def product_observations(archive_dir: Path) -> list[str]:
+    """The obs_ids of archive_dir/<obs_id>/pps/ folders (10-digit names) holding a pn SRSPEC."""
+    archive_dir = Path(archive_dir)
+    if not archive_dir.is_dir():
+        return []
+    found = []
+    for name in sorted(os.listdir(archive_dir)):
+        products = _observation_products(archive_dir / name / "pps") if _OBS_ID.match(name) else {}
+        if any("SRSPEC" in kinds for kinds in products.values()):
+            found.append(name)
+    return found
+
+
+def _refuse_misplaced_products(archive_dir: Path) -> None:
+    """A clear error for PPS products given one or two levels too deep (a pps/ or <obs_id>/ folder)."""
+    if (archive_dir / CATALOGUE_FILE).is_file():
+        return
+    levels = ((archive_dir, archive_dir.parent.parent), (archive_dir / "pps", archive_dir.parent))
+    for folder, above in levels:
+        if any("SRSPEC" in kinds for kinds in _observation_products(folder).values()):
+            raise UserError(
+                f"{archive_dir}: PPS products found in {folder}, but the archive layout is "
+                f"ARCHIVE/<obs_id>/pps/: pass the folder above <obs_id> ({above})"
+            )
+
+
+def product_detid(obs_id: str, src_num: int) -> int:
+    """The id of a detection known only from its products: obs_id x 10^4 + the PPS source number."""
+    return int(obs_id) * 10_000 + int(src_num)
+
+
+def product_net_counts(source: Pha, background: Pha) -> float:
+    """Net counts of the good-quality (QUALITY = 0) channels in NET_COUNTS_BAND_KEV, background scaled
+    by EXPOSURE x BACKSCAL x AREASCAL; channel energies are pn PI channels, as in pn_8_cts."""
+    energy_kev = source.channel * PN_CHANNEL_KEV
+    use = (
+        (source.quality == 0) & (energy_kev >= NET_COUNTS_BAND_KEV[0]) & (energy_kev < NET_COUNTS_BAND_KEV[1])
+    )
+    if len(background.counts) != len(source.counts):
+        raise ProductError(
+            background.path, f"{len(background.counts)} channels, the source has {len(source.counts)}"
+        )
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.broadcast_to(
+            source.exposure_s
+            * np.asarray(source.backscal)
+            * np.asarray(source.areascal)
+            / (background.exposure_s * np.asarray(background.backscal) * np.asarray(background.areascal)),
+            source.counts.shape,
+        )
+    if not np.isfinite(scale[use]).all():
+        raise ProductError(background.path, "zero BACKSCAL or AREASCAL: no background scale")
+    return float(source.counts[use].sum() - (background.counts * scale)[use].sum())
+
+
+def _product_row(obs_id: str, src_num: int, found: dict[str, Path]) -> dict:
+    """The canonical detection row of one source's products; net counts NaN where they cannot be read
+    (the row is then kept, so that preprocessing quarantines it with the reason)."""
+    spectrum = found["SRSPEC"]
+    row: dict = dict.fromkeys(_CATALOGUE_SCALARS)
+    detid = product_detid(obs_id, src_num)
+    row |= {
+        "detid": detid,
+        "srcid": detid,
+        "obs_id": obs_id,
+        "src_num": src_num,
+        "iauname": f"{obs_id} src {src_num:03X}",
+        "product_net_counts": np.nan,
+    }
+    row |= dict.fromkeys(_NULL_WITHOUT_CATALOGUE, np.nan)
+    try:
+        source = read_pha(spectrum)
+    except ProductError:
+        return row
+    keywords = source.keywords
+    row |= {
+        "mjd_start": _date_to_mjd(keywords.get("DATE-OBS")),
+        "mjd_stop": _date_to_mjd(keywords.get("DATE-END")),
+        "pn_filter": str(keywords.get("FILTER", "")),
+        "pn_submode": str(keywords.get("SUBMODE", "")),
+    }
+    if not np.isfinite(row["mjd_stop"]):
+        row["mjd_stop"] = row["mjd_start"]
+    background = _linked(source.backfile, spectrum, found.get("BGSPEC"))
+    with contextlib.suppress(ProductError):
+        if background is not None:
+            row["product_net_counts"] = product_net_counts(source, read_pha(background))
+    return row
+
+
+def catalogue_from_products(archive_dir: Path) -> pd.DataFrame:
+    """One canonical detection row per pn source with an SRSPEC in archive_dir/<obs_id>/pps/.
+
+    For a folder of PPS products without a catalogue: detid = srcid = product_detid (each detection its
+    own source: nothing links detections across observations), iauname "<obs_id> src <HHH>", the
+    observation dates, filter and submode from the spectrum's header, and a `product_net_counts` column
+    (`product_net_counts`); catalogue-only columns (coordinates, fluxes, hardness ratios, SUM_FLAG) null.
+    """
+    rows = []
+    for obs_id in product_observations(archive_dir):
+        products = _observation_products(Path(archive_dir) / obs_id / "pps")
+        for src_num in sorted({src for _, src in products}):
+            found = _spectrum_products(products, src_num)
+            if found is not None:
+                rows.append(_product_row(obs_id, src_num, found))
+    if not rows:
+        raise UserError(f"{archive_dir}: no {CATALOGUE_FILE} and no <obs_id>/pps/ folder with pn products")
+    frame = pd.DataFrame(rows)
+    for name in ("iauname", "obs_id", "pn_filter", "pn_submode"):
+        frame[name] = frame[name].astype(object)
+    frame["sum_flag"] = frame["sum_flag"].astype(object)
+    return frame
+
+
+def select_on_product_counts(
+    products: pd.DataFrame, config: PreprocessConfig
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The rows of `catalogue_from_products` whose net counts exceed config.min_counts (rows whose
+    products could not be read stay in, to be quarantined with the reason); drops by reason."""
+    net = products["product_net_counts"].astype("float64").to_numpy()
+    low = np.isfinite(net) & ~(net > config.min_counts)
+    dropped = dict.fromkeys(DROP_REASONS, 0) | {"low_counts": int(low.sum())}
+    return products[~low].reset_index(drop=True), dropped
 
 
 # ---------------------------------------------------------------- a user's own spectrum
@@ -697,13 +857,21 @@ def spectrum_to_dataset(
     """
     spectrum = Path(spectrum_path)
     source = read_pha(spectrum)
+    check_pn_imaging(source)
     background = _explicit_or_linked(background_path, source.backfile, spectrum, "BACKFILE", "--background")
     rmf = _explicit_or_linked(rmf_path, source.respfile, spectrum, "RESPFILE", "--rmf")
     cache = ResponseCache(grid)
     response = cache.get(rmf)
     arf: Path | None = None
     if arf_path is not None or response.area_factor is None:
-        arf = _explicit_or_linked(arf_path, source.ancrfile, spectrum, "ANCRFILE", "--arf")
+        try:
+            arf = _explicit_or_linked(arf_path, source.ancrfile, spectrum, "ANCRFILE", "--arf")
+        except ProductError as error:
+            if arf_path is not None:
+                raise
+            raise ProductError(
+                error.path, f"{error.problem}; the RMF {rmf.name} holds no effective area: the ARF is needed"
+            ) from None
     arrays = _spectrum_arrays(source, background, arf, rmf, cache)
     keywords = source.keywords
     meta = {
