@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
+from xmm_pipeline.ogip.read import read_pha
 from xmm_pipeline.ogip.write import write_arf, write_pha, write_rmf
 
 
@@ -62,6 +63,45 @@ def test_gzip_is_byte_stable_and_unchanged_files_are_not_rewritten(tmp_path: Pat
 def test_pha_refuses_non_poisson_counts(tmp_path: Path, counts: np.ndarray) -> None:
     with pytest.raises(ValueError, match="non-negative integers"):
         _pha(tmp_path / "bad.FTZ", counts)
+
+
+def test_pha_quality_column_as_pipeline_source_spectra_carry_it(tmp_path: Path) -> None:
+    """A QUALITY column (int16, TFORM I, as SAS writes it) that astropy and the project's reader see;
+    without one the spectrum has no such column and the keyword says all channels are good."""
+    counts = np.random.default_rng(3).poisson(2.0, 4096)
+    quality = (np.arange(4096) <= 60).astype(np.int16)
+    path = write_pha(
+        tmp_path / "src.FTZ",
+        counts,
+        exposure_s=1000.0,
+        backscal=1.0,
+        respfile="epn_e3_ff20_sdY9.rmf",
+        ancrfile="arf.FTZ",
+        backfile="bkg.FTZ",
+        quality=quality,
+    )
+    with fits.open(path) as hdus:
+        hdus.verify("exception")
+        spectrum = hdus["SPECTRUM"]
+        assert spectrum.columns["QUALITY"].format == "I"
+        assert np.array_equal(spectrum.data["QUALITY"], quality)
+        assert np.array_equal(spectrum.data["COUNTS"], counts) and spectrum.header["QUALITY"] == 0
+    assert np.array_equal(read_pha(path).quality, quality)
+    plain = _pha(tmp_path / "bkg.FTZ", counts)
+    with fits.open(plain) as hdus:
+        assert "QUALITY" not in hdus["SPECTRUM"].columns.names and hdus["SPECTRUM"].header["QUALITY"] == 0
+    for bad in (quality[:100], np.full(4096, 0.5)):
+        with pytest.raises(ValueError, match="quality"):
+            write_pha(
+                tmp_path / "bad.FTZ",
+                counts,
+                exposure_s=1.0,
+                backscal=1.0,
+                respfile="r",
+                ancrfile="a",
+                backfile="b",
+                quality=bad,
+            )
 
 
 def test_arf_and_rmf_round_trip(tmp_path: Path) -> None:

@@ -1,22 +1,23 @@
 """The EPIC-pn response used by the simulator: energy grid, effective area, redistribution, background.
 
-A parametric model of the instrument, calibrated against the facts in the brief (section 5) and
-checked in the tests against a real canned RMF and on-axis ARF (same folded counts within 10% per
-bin over 0.5-9 keV); it does not read any calibration file. Numbers marked (approx.) are tuned by
-eye to the real files' shapes, not calibration.
+The matrices are modelled on the real canned matrix `epn_e3_ff20_sdY9` (its constants, and how they
+were obtained, are in `pn_canned`); the simulator reads no calibration file at run time. The tests
+compare them with that real matrix and the real on-axis Thin ARF (xmm_pipeline_tests/archive/
+test_instrument.py). Numbers marked (approx.) are tuned by eye, not calibration.
 
-- Energy grid: 2067 bins from 0.05 keV, 1 eV wide around the C, O, Al, Si and Au edges, 3 eV at
-  0.3-1.5 keV, 15 eV elsewhere (the structure of the canned matrices). Channels: PI 0..4095, 5 eV.
+- Energy grid and channels: the canned matrices' 2067 energy bins (0.05-16.005 keV) and their EBOUNDS
+  (PI 0..4095, not exactly 5 eV wide below 3 keV), identical to the real ones.
 - Effective area: the on-axis Thin-filter table of the brief, interpolated log-log after dividing out
   edge transmissions exp(-tau (E/E_edge)^-p) for E >= E_edge, which are multiplied back, so the area
   goes through every table value and drops sharply at each edge. Medium/Thick filters: extra Al,
   polypropylene and Sn layers. Off-axis: vignetting 1 / (1 + (theta/theta_50(E))^2), theta_50 ~10'
   at 1.5 keV and smaller at higher energy.
-- Redistribution: a Gaussian core with FWHM(E) of the brief; a low-energy shelf (incomplete charge
-  collection; strong below ~0.6 keV and just above the Si K edge, where photons are absorbed near the
-  entrance window), flat from E - w(E) to E; the Si K escape peak at E - 1.74 keV above 1.839 keV;
-  below ~0.35 keV the core itself sits at about half the photon energy, so a soft blackbody leaks
-  into the 0.3-10 keV channels as the brief says (6/1.5/0.5% at kT 50/80/120 eV).
+- Redistribution: each row a Gaussian core, a low-energy shoulder and a plateau below it (incomplete
+  charge collection; strong below ~0.6 keV and just above the Si K edge) and the Si K escape peak,
+  with parameters fitted to the real matrix's rows (`redistribution_matrix`). Below ~0.35 keV the
+  core sits far below the photon energy, so a soft blackbody leaks into the 0.3-10 keV channels as
+  the brief says. Matrices of other submodes and CCD row bands: the same rows, the core widened by
+  the row band's factor (approx.; only sdY9 full frame is at hand).
 - Background: particle continuum with the Al, Ni, Cu, Zn fluorescence lines (not vignetted, flat-ish,
   dominating above ~5 keV), soft X-ray sky (0.1 + 0.25 keV plasma-like thermal and the absorbed
   cosmic X-ray background, folded through the response), optional soft-proton flare component.
@@ -30,47 +31,55 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import erf
 
-from xmm_pipeline.archive import physics
+from xmm_pipeline.archive import physics, pn_canned
 
 N_CHANNELS = 4096
 CHANNEL_WIDTH_KEV = 0.005
 SI_K_EDGE_KEV = 1.839
 SI_ESCAPE_KEV = 1.74
 
-# (start keV, width keV, number of bins): the canned matrices' energy grid structure.
-ENERGY_SEGMENTS: tuple[tuple[float, float, int], ...] = (
-    (0.050, 0.001, 250),
-    (0.300, 0.003, 72),
-    (0.516, 0.001, 36),
-    (0.552, 0.003, 332),
-    (1.548, 0.001, 51),
-    (1.599, 0.015, 8),
-    (1.719, 0.001, 186),
-    (1.905, 0.015, 19),
-    (2.190, 0.001, 210),
-    (2.400, 0.015, 903),
-)
-
-# On-axis Thin-filter effective area (brief section 5), keV -> cm^2, extended (approx.) below 0.2 keV
-# and above 12 keV where the brief gives no value.
+# On-axis Thin-filter effective area, keV -> cm^2: the brief's table (section 5), with the values of
+# the real on-axis Thin ARF (pn_thin_onaxis.arf, at its bin centres) added between them where the
+# edges of C, N, O and Au shape the curve (0.22-0.58, 0.7, 0.9, 2.1-2.7, 3.5, 11 keV); extended
+# (approx.) below 0.2 keV and above 12 keV.
 THIN_AREA_TABLE_KEV_CM2: tuple[tuple[float, float], ...] = (
     (0.05, 20.0),
     (0.1, 160.0),
     (0.15, 265.0),
     (0.2, 461),
+    (0.2205, 549.0),
+    (0.2505, 676.3),
+    (0.2705, 747.7),
+    (0.2905, 380.9),
     (0.3, 277),
+    (0.3225, 488.4),
+    (0.3525, 609.1),
+    (0.3825, 689.2),
     (0.4, 738),
+    (0.4215, 769.6),
+    (0.4515, 861.7),
+    (0.4815, 924.9),
     (0.5, 932),
+    (0.5205, 975.1),
+    (0.5517, 862.4),
+    (0.5815, 931.7),
     (0.6, 958),
+    (0.7015, 1086.0),
     (0.8, 1177),
+    (0.9025, 1234.7),
     (1.0, 1278),
     (1.2, 1335),
     (1.5, 1383),
     (1.8, 1361),
     (2.0, 1356),
+    (2.1075, 1343.1),
     (2.2, 1270),
+    (2.3005, 879.6),
+    (2.4012, 836.0),
     (2.5, 887),
+    (2.7075, 912.3),
     (3.0, 912),
+    (3.5025, 907.8),
     (4.0, 936),
     (5.0, 936),
     (6.0, 875),
@@ -78,6 +87,7 @@ THIN_AREA_TABLE_KEV_CM2: tuple[tuple[float, float], ...] = (
     (8.0, 550),
     (9.0, 404),
     (10.0, 272),
+    (11.0025, 174.5),
     (12.0, 41),
     (13.0, 29.0),
     (14.0, 9.0),
@@ -106,52 +116,20 @@ FILTER_LAYERS: dict[str, tuple[tuple[float, float, float], ...]] = {
     "Thick": ((0.021, 2.6, 0.0), (0.066, 2.9, 0.284), (0.13, 2.4, 0.49)),  # +70 nm Al, 330 nm PP, 45 nm Sn
 }
 
-# Energy resolution: FWHM (keV) of the Gaussian core (brief section 5; 12 keV extrapolated).
-FWHM_TABLE_KEV: tuple[tuple[float, float], ...] = (
-    (0.05, 0.10),
-    (0.5, 0.10),
-    (1.0, 0.10),
-    (2.0, 0.13),
-    (4.0, 0.17),
-    (6.4, 0.22),
-    (8.0, 0.25),
-    (12.0, 0.30),
-    (16.0, 0.34),
+# Columns of the redistribution knots (pn_canned), after the photon energy.
+REDISTRIBUTION_COLUMNS = (
+    "core_kev",
+    "core_sigma_kev",
+    "shoulder_fraction",
+    "shoulder_low_kev",
+    "plateau_fraction",
+    "plateau_sigma_kev",
+    "escape_fraction",
+    "escape_kev",
+    "escape_sigma_kev",
 )
-# Fraction of events in the low-energy shelf (approx.), below and above the Si K edge.
-SHELF_BELOW_SI_K: tuple[tuple[float, float], ...] = (
-    (0.05, 0.75),
-    (0.3, 0.70),
-    (0.4, 0.55),
-    (0.5, 0.42),
-    (0.6, 0.31),
-    (0.7, 0.22),
-    (0.8, 0.165),
-    (1.0, 0.11),
-    (1.2, 0.068),
-    (1.5, 0.042),
-    (1.839, 0.026),
-)
-CORE_CENTROID_RATIO: tuple[tuple[float, float], ...] = (
-    (0.05, 0.45),
-    (0.28, 0.47),
-    (0.32, 0.55),
-    (0.36, 0.85),
-    (0.40, 0.95),
-    (0.50, 0.99),
-    (0.60, 1.0),
-)
-SHELF_ABOVE_SI_K: tuple[tuple[float, float], ...] = (
-    (1.839, 0.17),
-    (2.0, 0.11),
-    (2.5, 0.068),
-    (3.0, 0.046),
-    (4.0, 0.026),
-    (5.0, 0.017),
-    (6.0, 0.012),
-    (8.0, 0.009),
-    (16.0, 0.006),
-)
+NO_ESCAPE_PEAK = {"escape_fraction": 0.0, "escape_kev": 0.05, "escape_sigma_kev": 0.05}  # below Si K
+BAD_BELOW_KEV = 0.32  # SAS specgroup setbad=0.0:0.32 in the pipeline's source spectra
 
 # Submode -> (RMF name token, live-time fraction).
 SUBMODES: dict[str, tuple[str, float]] = {
@@ -166,10 +144,10 @@ ROW_BANDS: dict[int, float] = {3: 0.95, 6: 0.975, 9: 1.0}
 
 @functools.cache
 def energy_grid_kev() -> tuple[np.ndarray, np.ndarray]:
-    """(ENERG_LO, ENERG_HI) of the response: 2067 bins from 0.05 to 15.945 keV."""
-    edges = [np.array([ENERGY_SEGMENTS[0][0]])]
-    for start, width, count in ENERGY_SEGMENTS:
-        edges.append(start + width * np.arange(1, count + 1))
+    """(ENERG_LO, ENERG_HI) of the canned matrices: 2067 bins from 0.05 to 16.005 keV."""
+    edges = [np.array([pn_canned.ENERGY_GRID_START_KEV])]
+    for width, count in pn_canned.ENERGY_BIN_SEGMENTS:
+        edges.append(edges[-1][-1] + width * np.arange(1, count + 1))
     all_edges = np.round(np.concatenate(edges), 6)
     all_edges.setflags(write=False)
     return all_edges[:-1], all_edges[1:]
@@ -182,9 +160,26 @@ def energy_centres_kev() -> np.ndarray:
 
 @functools.cache
 def channel_bounds_kev() -> tuple[np.ndarray, np.ndarray]:
-    """(E_MIN, E_MAX) of PI channels 0..4095."""
-    edges = CHANNEL_WIDTH_KEV * np.arange(N_CHANNELS + 1)
+    """(E_MIN, E_MAX) of PI channels 0..4095 as the canned matrices' EBOUNDS give them (float32
+    values): ~5.37 eV wide at channel 0, 4.84-5.0 eV at 1-3 keV, exactly 5 eV above 3.015 keV."""
+    edges = CHANNEL_WIDTH_KEV * np.arange(N_CHANNELS + 1, dtype=np.float64)
+    edges[: pn_canned.EBOUNDS_LINEAR_FROM_CHANNEL] = pn_canned.EBOUNDS_LOW_E_MIN_KEV
+    edges = edges.astype(np.float32).astype(np.float64)
+    edges.setflags(write=False)
     return edges[:-1], edges[1:]
+
+
+def channel_edges_kev() -> np.ndarray:
+    lo, hi = channel_bounds_kev()
+    return np.append(lo, hi[-1])
+
+
+def source_spectrum_quality() -> np.ndarray:
+    """QUALITY of a pipeline source spectrum (int16 per channel): 1 for the channels that reach
+    below 0.32 keV (SAS specgroup `setbad=0.0:0.32` in the PPS; channels 0-60 by the canned EBOUNDS),
+    0 elsewhere. Background spectra carry no QUALITY column (keyword QUALITY = 0)."""
+    lo, _ = channel_bounds_kev()
+    return (lo < BAD_BELOW_KEV).astype(np.int16)
 
 
 def _edge_transmission(energy_kev: np.ndarray) -> np.ndarray:
@@ -232,32 +227,29 @@ def effective_area_cm2(energy_kev: np.ndarray, filter_name: str, off_axis_arcmin
     )
 
 
+def redistribution_parameters(energy_kev: np.ndarray) -> dict[str, np.ndarray]:
+    """The row-shape parameters at `energy_kev` (keV): the knots of `pn_canned` interpolated linearly
+    in ln E, never across the Si K edge (the shoulder jumps and the escape peak appears there)."""
+    energy_kev = np.atleast_1d(np.asarray(energy_kev, dtype=float))
+    below = np.array(pn_canned.REDISTRIBUTION_BELOW_SI_K)
+    above = np.array(pn_canned.REDISTRIBUTION_ABOVE_SI_K)
+    log_e = np.log(energy_kev)
+    values = {}
+    for column, name in enumerate(REDISTRIBUTION_COLUMNS, start=1):
+        if column < below.shape[1]:
+            low = np.interp(log_e, np.log(below[:, 0]), below[:, column])
+        else:
+            low = NO_ESCAPE_PEAK[name]
+        high = np.interp(log_e, np.log(above[:, 0]), above[:, column])
+        values[name] = np.where(energy_kev < SI_K_EDGE_KEV, low, high)
+    return values
+
+
 def fwhm_kev(energy_kev: np.ndarray, scale: float = 1.0) -> np.ndarray:
-    table_e, table_f = np.array(FWHM_TABLE_KEV).T
-    return scale * np.interp(np.asarray(energy_kev, dtype=float), table_e, table_f)
-
-
-def shelf_fraction(energy_kev: np.ndarray) -> np.ndarray:
-    energy_kev = np.asarray(energy_kev, dtype=float)
-    below_e, below_f = np.array(SHELF_BELOW_SI_K).T
-    above_e, above_f = np.array(SHELF_ABOVE_SI_K).T
-    below = np.exp(np.interp(np.log(energy_kev), np.log(below_e), np.log(below_f)))
-    above = np.exp(np.interp(np.log(energy_kev), np.log(above_e), np.log(above_f)))
-    return np.where(energy_kev < SI_K_EDGE_KEV, below, above)
-
-
-def core_centroid_ratio(energy_kev: np.ndarray) -> np.ndarray:
-    """Where the core of the redistribution sits relative to the photon energy: photons below ~0.35 keV
-    are registered at about half their energy (incomplete charge collection near the entrance window;
-    approx., read off the canned matrices), so they rarely reach the channels above 0.3 keV."""
-    table_e, table_r = np.array(CORE_CENTROID_RATIO).T
-    return np.interp(np.asarray(energy_kev, dtype=float), table_e, table_r)
-
-
-def escape_fraction(energy_kev: np.ndarray) -> np.ndarray:
-    """Share of events in the Si K escape peak (approx.): ~2% at 2 keV falling to ~0.1% at 10 keV."""
-    energy_kev = np.asarray(energy_kev, dtype=float)
-    return np.where(energy_kev > SI_K_EDGE_KEV, 0.022 * np.exp(-(energy_kev - 2.0) / 3.0), 0.0)
+    """FWHM of the core of the redistribution (keV): 0.10 keV at 0.5-1 keV, 0.13 at 2, 0.22 at 6.4."""
+    shape = np.shape(energy_kev)
+    sigma = redistribution_parameters(energy_kev)["core_sigma_kev"]
+    return (scale * 2.3548 * sigma).reshape(shape)
 
 
 def _gauss_cdf(x: np.ndarray, mean: np.ndarray, sigma: np.ndarray) -> np.ndarray:
@@ -270,29 +262,40 @@ def _gauss_cdf_integral(y: np.ndarray, sigma: np.ndarray) -> np.ndarray:
     return y * 0.5 * (1.0 + erf(z / np.sqrt(2.0))) + sigma * np.exp(-0.5 * z * z) / np.sqrt(2.0 * np.pi)
 
 
+def _uniform_cdf(x: np.ndarray, low: np.ndarray, high: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """CDF of a uniform distribution on [low, high] convolved with a Gaussian of `sigma`."""
+    width = np.maximum(high - low, 1e-6)
+    return (_gauss_cdf_integral(x - low, sigma) - _gauss_cdf_integral(x - high, sigma)) / width
+
+
 def redistribution_matrix(fwhm_scale: float = 1.0, rows_per_block: int = 128) -> np.ndarray:
-    """Dense redistribution [energy bin, channel] (float32), each row summing to 1."""
+    """Dense redistribution [energy bin, channel] (float32), each row summing to 1, over the canned
+    EBOUNDS. A row is a Gaussian core, a shoulder (uniform from `shoulder_low_kev` up to the core,
+    smoothed by the core's sigma: incomplete charge collection of photons absorbed near the entrance
+    window, strong below ~0.6 keV and above the Si K edge), a plateau from 0 up to the shoulder and,
+    above the Si K edge, the Si K escape peak near E - 1.74 keV; below ~0.35 keV the core itself sits
+    far below the photon energy. `fwhm_scale` widens the core and the escape peak (CCD row bands)."""
     energy = energy_centres_kev()
+    channel_edges = channel_edges_kev()
     matrix = np.zeros((energy.size, N_CHANNELS), dtype=np.float32)
     for start in range(0, energy.size, rows_per_block):
-        e = energy[start : start + rows_per_block, None]
-        sigma = fwhm_kev(e, fwhm_scale) / 2.3548
-        n_used = min(N_CHANNELS, int((e.max() + 8.0 * sigma.max()) / CHANNEL_WIDTH_KEV) + 2)
-        edges = CHANNEL_WIDTH_KEV * np.arange(n_used + 1)
-        f_shelf = shelf_fraction(e)
-        f_escape = escape_fraction(e)
-        core_cdf = _gauss_cdf(edges[None, :], e * core_centroid_ratio(e), sigma)
-        shelf_low = np.maximum(0.02, e - np.minimum(1.1, 0.8 * e))
-        width = e - shelf_low
-        shelf_cdf = (
-            _gauss_cdf_integral(edges[None, :] - shelf_low, sigma)
-            - _gauss_cdf_integral(edges[None, :] - e, sigma)
-        ) / width
-        escape_e = np.maximum(e - SI_ESCAPE_KEV, 0.05)
-        escape_cdf = _gauss_cdf(edges[None, :], escape_e, fwhm_kev(escape_e, fwhm_scale) / 2.3548)
-        cdf = (1.0 - f_shelf - f_escape) * core_cdf + f_shelf * shelf_cdf + f_escape * escape_cdf
-        block = np.diff(cdf, axis=1)
-        block[block < 1e-7] = 0.0
+        e = energy[start : start + rows_per_block]
+        p = {name: value[:, None] for name, value in redistribution_parameters(e).items()}
+        sigma = fwhm_scale * p["core_sigma_kev"]
+        escape_sigma = fwhm_scale * p["escape_sigma_kev"]
+        top = float(np.max(p["core_kev"] + 8.0 * sigma))
+        n_used = min(N_CHANNELS, int(np.searchsorted(channel_edges, top)) + 2)
+        x = channel_edges[None, : n_used + 1]
+        f_shoulder, f_plateau, f_escape = p["shoulder_fraction"], p["plateau_fraction"], p["escape_fraction"]
+        shoulder_low = np.maximum(p["shoulder_low_kev"], 1e-4)
+        cdf = (
+            (1.0 - f_shoulder - f_plateau - f_escape) * _gauss_cdf(x, p["core_kev"], sigma)
+            + f_shoulder * _uniform_cdf(x, shoulder_low, p["core_kev"], sigma)
+            + f_plateau * _uniform_cdf(x, 0.0, shoulder_low, p["plateau_sigma_kev"])
+            + f_escape * _gauss_cdf(x, p["escape_kev"], escape_sigma)
+        )
+        block = np.clip(np.diff(cdf, axis=1), 0.0, None)
+        block[block < 1e-9] = 0.0
         matrix[start : start + rows_per_block, :n_used] = block / block.sum(axis=1, keepdims=True)
     return matrix
 
@@ -350,7 +353,7 @@ def particle_background_rate(channel_scale: float = 1.0) -> np.ndarray:
     lo, hi = channel_bounds_kev()
     centre = 0.5 * (lo + hi)
     continuum = PARTICLE_CONTINUUM_CTS_S_ARCMIN2_KEV * (1.0 + 0.6 * np.exp(-centre / 1.0))
-    rate = continuum * CHANNEL_WIDTH_KEV
+    rate = continuum * (hi - lo)
     edges = np.append(lo, hi[-1])
     for line_kev, strength in PARTICLE_LINES_KEV_STRENGTH:
         sigma = float(fwhm_kev(line_kev)) / 2.3548
@@ -364,7 +367,7 @@ def soft_proton_rate() -> np.ndarray:
     unfolded power law (protons do not follow the photon response)."""
     lo, hi = channel_bounds_kev()
     centre = 0.5 * (lo + hi)
-    rate = 2.0e-4 * np.maximum(centre, 0.2) ** -0.7 * np.exp(-centre / 12.0) * CHANNEL_WIDTH_KEV
+    rate = 2.0e-4 * np.maximum(centre, 0.2) ** -0.7 * np.exp(-centre / 12.0) * (hi - lo)
     rate[centre < 0.15] = 0.0
     return rate
 

@@ -65,7 +65,8 @@ from xmm_pipeline.archive.sources import (
     CHANGING_LOOK_DEC_DEG,
     CHANGING_LOOK_EPOCHS,
     CHANGING_LOOK_RA_DEG,
-    CLASS_FRACTIONS,
+    DEFAULT_ODD_FRACTION,
+    class_fractions,
     draw_source,
     epoch_params,
     photon_spectrum,
@@ -82,7 +83,7 @@ from xmm_pipeline.storage import (
     write_parquet_atomic,
 )
 
-SIMULATOR_VERSION = "1.0"
+SIMULATOR_VERSION = "2.0"  # 2.0: the canned matrices' grid, EBOUNDS and redistribution; QUALITY
 RELEASES = ("DR14", "DR15")
 MAX_DETECTIONS = 500_000
 TRUTH_FILE = "truth.parquet"
@@ -196,9 +197,10 @@ def _offset_position(
     return ra, dec
 
 
-def _draw_class(rng: np.random.Generator) -> str:
-    names = list(CLASS_FRACTIONS)
-    weights = np.array([CLASS_FRACTIONS[n] for n in names])
+def _draw_class(rng: np.random.Generator, odd_fraction: float) -> str:
+    fractions = class_fractions(odd_fraction)
+    names = list(fractions)
+    weights = np.array([fractions[n] for n in names])
     return str(names[rng.choice(len(names), p=weights / weights.sum())])
 
 
@@ -236,6 +238,7 @@ def _make_field(
     srcid_base: int,
     mjd_range: tuple[float, float],
     changing_look: bool = False,
+    odd_fraction: float = DEFAULT_ODD_FRACTION,
 ) -> list[Observation]:
     """One pointing: its sources and the observations (epochs) that detect them."""
     kind_draw = rng.random()
@@ -313,7 +316,7 @@ def _make_field(
         )
     for _ in range(1 + int(rng.poisson(3.0))):
         add_source(
-            draw_source(rng, _draw_class(rng)),
+            draw_source(rng, _draw_class(rng, odd_fraction)),
             float(14.0 * math.sqrt(rng.random())),
             float(rng.uniform(0, 2 * math.pi)),
         )
@@ -342,6 +345,7 @@ def _layout(
     srcid_prefix: int,
     mjd_range: tuple[float, float],
     with_changing_look: bool,
+    odd_fraction: float = DEFAULT_ODD_FRACTION,
 ) -> list[list[Observation]]:
     """Fields until `n_detections` detections; the last field is cut to give exactly that many."""
     fields: list[list[Observation]] = []
@@ -356,6 +360,7 @@ def _layout(
             srcid_prefix * 10**14 + index * 1000,
             mjd_range,
             changing_look,
+            odd_fraction,
         )
         kept = []
         for obs in observations:
@@ -675,6 +680,7 @@ def _write_products(
             backscal=backscal,
             backfile=names["BGSPEC"],
             spectrum_type="TOTAL",
+            quality=instrument.source_spectrum_quality(),
             header_extra=header,
             **common,
         ),
@@ -721,21 +727,26 @@ def _canned_rmf_bytes(rmf: instrument.CannedRMF) -> bytes:
 # --- the archive ----------------------------------------------------------------------------------
 
 
-def release_fingerprint(release: str, n_detections: int, seed: int) -> str:
+def release_fingerprint(
+    release: str, n_detections: int, seed: int, odd_fraction: float = DEFAULT_ODD_FRACTION
+) -> str:
     """Release name + a hash of everything the archive's content is a deterministic function of."""
-    _check_parameters(release, n_detections, seed)
+    _check_parameters(release, n_detections, seed, odd_fraction)
     digest = sha256_json(
         {
             "release": release,
             "n_detections": int(n_detections),
             "seed": int(seed),
+            "odd_fraction": float(odd_fraction),
             "simulator": SIMULATOR_VERSION,
         }
     )
     return f"sim-{release}-{digest[:16]}"
 
 
-def _check_parameters(release: str, n_detections: int, seed: int) -> None:
+def _check_parameters(
+    release: str, n_detections: int, seed: int, odd_fraction: float = DEFAULT_ODD_FRACTION
+) -> None:
     if release not in RELEASES:
         raise UserError(f"unknown release {release!r}; the simulator knows {', '.join(RELEASES)}")
     if isinstance(n_detections, bool) or not isinstance(n_detections, (int, np.integer)) or n_detections <= 0:
@@ -744,6 +755,12 @@ def _check_parameters(release: str, n_detections: int, seed: int) -> None:
         raise UserError(f"number of detections must be at most {MAX_DETECTIONS}, got {n_detections}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise UserError(f"seed must be a non-negative integer, got {seed!r}")
+    if (
+        isinstance(odd_fraction, bool)
+        or not isinstance(odd_fraction, (int, float, np.integer, np.floating))
+        or not 0.0 <= float(odd_fraction) <= 1.0
+    ):
+        raise UserError(f"odd fraction must be a number within 0..1, got {odd_fraction!r}")
 
 
 def _chunks(fields: list[list[Observation]], max_detections: int | None = None) -> list[list[Observation]]:
@@ -765,10 +782,10 @@ def _chunks(fields: list[list[Observation]], max_detections: int | None = None) 
 
 
 def _all_fields(
-    release: str, n_detections: int, seed: int
+    release: str, n_detections: int, seed: int, odd_fraction: float = DEFAULT_ODD_FRACTION
 ) -> tuple[list[list[Observation]], list[list[Observation]]]:
     """DR14's fields, and the fields a later release adds (empty for DR14)."""
-    fields = _layout(seed, n_detections, _FIELD, 10_000, 2, MJD_DR14, with_changing_look=True)
+    fields = _layout(seed, n_detections, _FIELD, 10_000, 2, MJD_DR14, True, odd_fraction)
     if release == "DR15":
         dr14_observations = [obs for f in fields for obs in f]
         choice = _rng(seed, _DR15_CHOICE)
@@ -776,7 +793,7 @@ def _all_fields(
         for index in sorted(choice.choice(len(dr14_observations), size=n_reprocessed, replace=False)):
             dr14_observations[int(index)].reprocessed = True
         n_new = max(10, n_detections // 10)
-        return fields, _layout(seed, n_new, _DR15_FIELD, 950_000, 3, MJD_DR15, with_changing_look=False)
+        return fields, _layout(seed, n_new, _DR15_FIELD, 950_000, 3, MJD_DR15, False, odd_fraction)
     return fields, []
 
 
@@ -853,15 +870,18 @@ def simulate_archive(
     n_detections: int = 2000,
     seed: int = 0,
     workers: int | None = None,
+    odd_fraction: float = DEFAULT_ODD_FRACTION,
     progress: Callable[[int, int], None] | None = None,
 ) -> SimulationSummary:
     """Write the simulated archive into `out_dir` (see the module docstring). Deterministic in
-    (release, n_detections, seed) whatever the number of `workers` (processes; default: one for
-    small archives, up to the CPU count for large ones); a finished archive with the same parameters
-    is not rewritten. `progress(done, total)` is called with detections simulated after each chunk."""
-    _check_parameters(release, n_detections, seed)
+    (release, n_detections, seed, odd_fraction) whatever the number of `workers` (processes; default:
+    one for small archives, up to the CPU count for large ones); a finished archive with the same
+    parameters is not rewritten. `odd_fraction` is the share of odd spectra among serendipitous
+    sources (default 0.5%; an outlier evaluation needs more). `progress(done, total)` is called with
+    detections simulated after each chunk."""
+    _check_parameters(release, n_detections, seed, odd_fraction)
     out_dir = Path(out_dir)
-    fingerprint = release_fingerprint(release, n_detections, seed)
+    fingerprint = release_fingerprint(release, n_detections, seed, odd_fraction)
     previous = _read_release(out_dir)
     if previous is not None and previous.get("fingerprint") == fingerprint:
         return SimulationSummary(
@@ -887,7 +907,7 @@ def simulate_archive(
             f"cannot write the simulated archive to {out_dir}: {error.strerror or error}"
         ) from error
 
-    dr14_fields, new_fields = _all_fields(release, n_detections, seed)
+    dr14_fields, new_fields = _all_fields(release, n_detections, seed, odd_fraction)
     chunks = _chunks(dr14_fields) + _chunks(new_fields)
     jobs = [(chunk, seed, out_dir) for chunk in chunks]
     n_workers = _worker_count(workers, n_detections, len(chunks))
@@ -939,6 +959,7 @@ def simulate_archive(
             "label": label,
             "seed": int(seed),
             "n_detections": int(n_detections),
+            "odd_fraction": float(odd_fraction),
             "n_detections_total": summary.n_detections,
             "n_observations": summary.n_observations,
             "n_sources": summary.n_sources,
@@ -1070,19 +1091,27 @@ class SimulatedArchive(Archive):
     """The embedded default archive: simulated into `root` on first use (see `simulate_archive`)."""
 
     def __init__(
-        self, root: str | Path, release: str = "DR14", n_detections: int = 2000, seed: int = 0
+        self,
+        root: str | Path,
+        release: str = "DR14",
+        n_detections: int = 2000,
+        seed: int = 0,
+        odd_fraction: float = DEFAULT_ODD_FRACTION,
     ) -> None:
         super().__init__(root)
-        _check_parameters(release, n_detections, seed)
+        _check_parameters(release, n_detections, seed, odd_fraction)
         self.release = release
         self.n_detections = int(n_detections)
         self.seed = int(seed)
+        self.odd_fraction = float(odd_fraction)
 
     def release_fingerprint(self) -> str:
-        return release_fingerprint(self.release, self.n_detections, self.seed)
+        return release_fingerprint(self.release, self.n_detections, self.seed, self.odd_fraction)
 
     def ensure_simulated(self) -> SimulationSummary:
-        return simulate_archive(self.root, self.release, self.n_detections, self.seed)
+        return simulate_archive(
+            self.root, self.release, self.n_detections, self.seed, odd_fraction=self.odd_fraction
+        )
 
     def fetch_catalogue(self) -> pd.DataFrame:
         self.ensure_simulated()

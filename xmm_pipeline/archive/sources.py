@@ -46,7 +46,19 @@ CLASS_FRACTIONS = {
     "TDE": 0.006,
     "odd": 0.005,
 }
+DEFAULT_ODD_FRACTION = CLASS_FRACTIONS["odd"]
 XRB_STATES = ("thermal", "hard", "steep")
+
+
+def class_fractions(odd_fraction: float = DEFAULT_ODD_FRACTION) -> dict[str, float]:
+    """The serendipitous class mix with `odd_fraction` odd spectra, the other classes scaled to keep
+    their proportions (an evaluation archive needs enough odd spectra to measure outlier recall)."""
+    if not 0.0 <= odd_fraction <= 1.0:
+        raise ValueError(f"odd_fraction must be within 0..1, got {odd_fraction}")
+    if odd_fraction == DEFAULT_ODD_FRACTION:
+        return dict(CLASS_FRACTIONS)
+    scale = (1.0 - odd_fraction) / (1.0 - DEFAULT_ODD_FRACTION)
+    return {name: odd_fraction if name == "odd" else share * scale for name, share in CLASS_FRACTIONS.items()}
 
 CHANGING_LOOK_IAUNAME = "4XMM J192719.5+653354"
 CHANGING_LOOK_RA_DEG = 291.8313

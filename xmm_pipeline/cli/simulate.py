@@ -13,6 +13,13 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--detections", type=int, default=2000, help="number of detections (DR14 part)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="archive root to write")
+    parser.add_argument(
+        "--odd-fraction",
+        type=float,
+        default=None,
+        metavar="F",
+        help="share of odd spectra among serendipitous sources, 0..1 (default 0.005)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,9 +30,14 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--detections must be a positive number, got {args.detections}")
     if args.seed < 0:
         raise UserError(f"--seed must be non-negative, got {args.seed}")
+    from xmm_pipeline.archive.sources import DEFAULT_ODD_FRACTION
+
+    odd_fraction = DEFAULT_ODD_FRACTION if args.odd_fraction is None else args.odd_fraction
+    if not 0.0 <= odd_fraction <= 1.0:
+        raise UserError(f"--odd-fraction must be within 0..1, got {args.odd_fraction}")
     with Progress("simulate", "detections") as progress:
         summary = simulate_archive(args.out, release=args.release, n_detections=args.detections,
-                                   seed=args.seed, progress=progress)
+                                   seed=args.seed, odd_fraction=odd_fraction, progress=progress)
     state = "already present" if summary.skipped else "written"
     print(
         f"simulated {summary.release} archive {state} in {summary.out_dir}: "

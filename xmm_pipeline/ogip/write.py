@@ -188,13 +188,22 @@ def pha_bytes(
     filter_name: str = "Thin1",
     spectrum_type: str = "TOTAL",
     areascal: float = 1.0,
+    quality: np.ndarray | None = None,
     header_extra: Mapping[str, Value] | None = None,
 ) -> bytes:
-    """A PHA type I spectrum: CHANNEL 0..N-1 (TLMIN1=0) and integer COUNTS with Poisson errors."""
+    """A PHA type I spectrum: CHANNEL 0..N-1 (TLMIN1=0) and integer COUNTS with Poisson errors.
+
+    `quality` (one int16 flag per channel, 0 = good) adds a QUALITY column, as the pipeline's source
+    spectra carry one (SAS specgroup marks the channels below 0.32 keV bad); the QUALITY keyword then
+    stays 0, as in those files, and the column takes precedence (OGIP CAL/GEN/92-007)."""
     counts = np.asarray(counts)
     if counts.ndim != 1 or np.any(counts < 0) or not np.all(np.floor(counts) == counts):
         raise ValueError("PHA counts must be a 1-D array of non-negative integers")
     n_channels = counts.size
+    if quality is not None:
+        quality = np.asarray(quality)
+        if quality.shape != counts.shape or not np.all(np.floor(quality) == quality):
+            raise ValueError(f"PHA quality must be {n_channels} integer flags, one per channel")
     keywords: dict[str, Value] = {
         **MISSION_KEYWORDS,
         "FILTER": filter_name,
@@ -226,6 +235,8 @@ def pha_bytes(
         Column("CHANNEL", "I", np.arange(n_channels)),
         Column("COUNTS", "J", counts.astype(np.int64), unit="count"),
     ]
+    if quality is not None:
+        columns.append(Column("QUALITY", "I", quality.astype(np.int16)))
     primary = {**MISSION_KEYWORDS, "FILTER": filter_name, **(header_extra or {})}
     return fits_bytes(primary_hdu(primary), bintable_hdu("SPECTRUM", columns, keywords))
 

@@ -12,7 +12,7 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
-from xmm_pipeline.archive import instrument, simulated
+from xmm_pipeline.archive import instrument, simulated, sources
 from xmm_pipeline.archive.catalogue import CANONICAL_COLUMNS, FOURXMM_COLUMNS, canonical_from_4xmm
 from xmm_pipeline.archive.products import responses_dir, spectral_product_paths
 from xmm_pipeline.archive.simulated import (
@@ -24,7 +24,17 @@ from xmm_pipeline.archive.simulated import (
 )
 from xmm_pipeline.cli import main
 from xmm_pipeline.errors import UserError
+from xmm_pipeline.ogip.read import read_pha
 from xmm_pipeline.spectra.preprocess import find_rmf
+
+REAL_PPS_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "real_pps" / "0677180601" / "pps"
+
+
+@pytest.fixture(scope="module")
+def real_pps_dir() -> Path:
+    if not any(REAL_PPS_DIR.glob("*SRSPEC*.FTZ")):
+        pytest.skip(f"real PPS products not found at {REAL_PPS_DIR} (../shared/data/real_pps)")
+    return REAL_PPS_DIR
 
 
 @pytest.fixture(scope="module")
@@ -136,12 +146,48 @@ def test_products_read_back_as_pipeline_ogip_files(
         assert len(hdus["EBOUNDS"].data) == 4096
 
 
+def _quality_column(path: Path) -> np.ndarray | None:
+    with fits.open(path) as hdus:
+        data, header = hdus["SPECTRUM"].data, hdus["SPECTRUM"].header
+        assert header["QUALITY"] == 0
+        return np.asarray(data["QUALITY"]) if "QUALITY" in data.columns.names else None
+
+
+def test_products_carry_the_quality_flags_of_real_pipeline_products(
+    sim_archive: Path, catalogue: pd.DataFrame, truth: pd.DataFrame, real_pps_dir: Path
+) -> None:
+    """Real SRSPECs flag channels 0-60 with QUALITY = 1 (specgroup setbad 0-0.32 keV); real BGSPECs
+    have no QUALITY column (keyword QUALITY = 0). The simulated products do the same."""
+    real_flags = {}
+    for path in sorted(real_pps_dir.glob("*SRSPEC*.FTZ")):
+        quality = _quality_column(path)
+        assert quality is not None
+        real_flags[path.name] = (tuple(np.flatnonzero(quality)), tuple(np.unique(quality[quality != 0])))
+    assert len(set(real_flags.values())) == 1
+    flagged, values = next(iter(real_flags.values()))
+    assert all(_quality_column(path) is None for path in real_pps_dir.glob("*BGSPEC*.FTZ"))
+    sample = catalogue[truth["has_spectrum"].to_numpy()].head(20)
+    for record in sample.itertuples():
+        paths = spectral_product_paths(sim_archive, record.obs_id, record.src_num)
+        quality = _quality_column(paths["SRSPEC"])
+        assert quality is not None and quality.dtype.kind == "i"
+        assert tuple(np.flatnonzero(quality)) == flagged
+        assert tuple(np.unique(quality[quality != 0])) == values
+        assert _quality_column(paths["BGSPEC"]) is None
+        assert np.array_equal(np.flatnonzero(read_pha(paths["SRSPEC"]).quality), np.array(flagged))
+        assert not read_pha(paths["BGSPEC"]).quality.any()
+
+
 def test_spectra_counts_match_the_catalogue_and_the_truth(spectra: pd.DataFrame, truth: pd.DataFrame) -> None:
     net = np.array([row[-1] for row in spectra["net"]])
     variance = np.array([row[-1] for row in spectra["background_variance"]])
     z_catalogue = (net - spectra["pn_8_cts"].to_numpy()) / np.sqrt(variance)
     assert abs(z_catalogue.mean()) < 0.3 and 0.6 < z_catalogue.std() < 1.4 and np.abs(z_catalogue).max() < 5
     expected = spectra.merge(truth[["detid", "expected_counts"]], on="detid")
+    # spectra exist for PN_8_CTS >= 100: near that threshold only upward fluctuations have one (a
+    # selection bias of ~+0.2 sigma over all spectra), so the truth is compared well above it
+    expected = expected[expected["expected_counts"] > 2 * simulated.MIN_SPECTRUM_COUNTS]
+    assert len(expected) > 40
     z_truth = (expected["pn_8_cts"] - expected["expected_counts"]) / np.sqrt(expected["expected_counts"])
     assert abs(z_truth.mean()) < 0.3 and 0.6 < z_truth.std() < 1.4
 
@@ -324,6 +370,31 @@ def test_cli_unwritable_directory_and_success(tmp_path: Path, capsys: pytest.Cap
     assert main(["simulate", "--detections", "25", "--seed", "4", "--out", str(tmp_path / "ok")]) == 0
     assert "25 detections" in capsys.readouterr().out
     assert (tmp_path / "ok" / "release.json").is_file()
+
+
+def test_odd_fraction_is_a_setting(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    default = sources.class_fractions()
+    assert default == sources.CLASS_FRACTIONS and sum(default.values()) == pytest.approx(1.0)
+    many = sources.class_fractions(0.25)
+    assert many["odd"] == 0.25 and sum(many.values()) == pytest.approx(1.0)
+    assert many["AGN"] / many["star"] == pytest.approx(default["AGN"] / default["star"])
+    summary = simulate_archive(tmp_path / "odd", "DR14", 200, 3, odd_fraction=0.25)
+    truth = pd.read_parquet(tmp_path / "odd" / "truth.parquet")
+    plain = pd.read_parquet(simulate_archive(tmp_path / "plain", "DR14", 200, 3).out_dir / "truth.parquet")
+    assert truth["is_odd"].mean() > 0.08 > 0.03 > plain["is_odd"].mean()  # targets and epochs dilute it
+    assert summary.fingerprint == release_fingerprint("DR14", 200, 3, 0.25)
+    assert summary.fingerprint != release_fingerprint("DR14", 200, 3)
+    assert json.loads((tmp_path / "odd" / "release.json").read_text())["odd_fraction"] == 0.25
+    assert SimulatedArchive(tmp_path / "odd", "DR14", 200, 3, odd_fraction=0.25).ensure_simulated().skipped
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(UserError, match="odd fraction"):
+            simulate_archive(tmp_path / "bad", "DR14", 10, 0, odd_fraction=bad)
+    assert main(["simulate", "--detections", "10", "--odd-fraction", "2", "--out", str(tmp_path / "x")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "--odd-fraction" in error and not (tmp_path / "x").exists()
+    args = ["simulate", "--detections", "200", "--seed", "3", "--odd-fraction", "0.25", "--out"]
+    assert main([*args, str(tmp_path / "cli")]) == 0
+    assert _files(tmp_path / "cli") == _files(tmp_path / "odd")
 
 
 def test_worker_processes_write_the_same_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

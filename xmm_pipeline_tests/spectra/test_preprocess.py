@@ -294,7 +294,9 @@ def coarse_shape(dataset, row: int, bands: np.ndarray) -> tuple[np.ndarray, np.n
     """
     grid = dataset.grid
     folded = dataset.rmf_matrices[dataset.rmf_index[row]].astype(np.float64) @ dataset.area_exposure[row]
-    per_count = grid.centres_kev**2 / (folded * grid.widths_kev)
+    valid = dataset.valid[row]
+    per_count = np.divide(grid.centres_kev**2, folded * grid.widths_kev, out=np.zeros(grid.n_bins),
+                          where=valid)  # masked bins (flagged channels, no channel) are 0 by definition
     nu_f_nu = per_count * np.clip(dataset.counts[row] - dataset.background[row], 0, None)
     np.testing.assert_allclose(dataset.unfolded[row], nu_f_nu / nu_f_nu.mean(), rtol=1e-5, atol=1e-6)
     variance = (per_count / nu_f_nu.mean()) ** 2 * (dataset.counts[row] + dataset.background[row])
