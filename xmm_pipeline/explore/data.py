@@ -337,9 +337,10 @@ class ExplorerData:
     def neighbours(self, vector: np.ndarray, exclude: set[int], k: int, label: str) -> pd.DataFrame:
         if not 1 <= int(k) <= MAX_K:
             raise UserError(f"k must be between 1 and {MAX_K}, got {k}")
-        table = neighbour_table(self.embeddings, self.classes, self.index, np.atleast_2d(vector), [label],
-                                [exclude], int(k))
+        table = neighbour_table(self.embeddings, None, self.index, np.atleast_2d(vector), [label],
+                                [exclude], int(k), detid_index=self._row_of)
         table["row"] = self.rows_of(table["detid"].to_numpy())
+        table["class"] = self.class_name[table["row"]]
         table["map_x"], table["map_y"] = self.xy[table["row"]].T
         return table
 

@@ -60,9 +60,13 @@ def neighbour_table(
     query_labels: list[str],
     exclude: list[set[int]],
     k: int,
+    detid_index: pd.Index | None = None,
 ) -> pd.DataFrame:
-    """Per query: its k nearest detections, leaving out that query's `exclude` detids, as one table."""
-    by_detid = embeddings.set_index("detid")
+    """Per query: its k nearest detections, leaving out that query's `exclude` detids, as one table.
+
+    `detid_index` (pd.Index(embeddings["detid"])) may be passed by a caller that asks many times, so
+    that finding the hits' rows costs nothing proportional to the table's size."""
+    detid_index = pd.Index(embeddings["detid"]) if detid_index is None else detid_index
     class_of = classes.set_index("detid")["class"] if classes is not None else pd.Series(dtype=str)
     widest = max((len(e) for e in exclude), default=0)
     distances, ids = latent_index.search(query_vectors, min(k + widest, latent_index.info.n_vectors))
@@ -71,7 +75,7 @@ def neighbour_table(
     for label, row_distances, row_ids, left_out in zip(query_labels, distances, ids, exclude):
         keep = (row_ids >= 0) & ~np.isin(row_ids, list(left_out))
         hit_ids, hit_distances = row_ids[keep][:k], row_distances[keep][:k]
-        hits = by_detid.loc[hit_ids]
+        hits = embeddings.iloc[detid_index.get_indexer(hit_ids)]
         part = pd.DataFrame({
             "query": label,
             "rank": np.arange(1, len(hit_ids) + 1),

@@ -97,8 +97,9 @@ async function drawMap() {
   $("k-input").value = meta.default_k;
   const marker = await loadColour(select.value);
   const traces = [
-    { type: "heatmap", x: density.x, y: density.y, z: density.z, colorscale: "Greys", reversescale: false,
-      zmin: 0, zmax: Math.max(density.max, 1), showscale: false, opacity: 0.55, hoverinfo: "skip" },
+    { type: "heatmap", x: density.x, y: density.y, z: density.z, colorscale: [[0, "#ececec"], [1, "#3a3a3a"]],
+      zmin: 0, zmax: Math.max(density.max, 1), zsmooth: "best", showscale: false, opacity: 0.6,
+      hoverinfo: "skip" },
     { type: "scattergl", mode: "markers", x: state.x, y: state.y, marker: marker, name: "detections",
       hovertemplate: "row %{pointNumber}<extra></extra>" },
     { type: "scattergl", mode: "markers", x: [], y: [], name: "picked", hoverinfo: "skip",
@@ -172,7 +173,7 @@ function drawSpectrum(spectrum) {
     yaxis2: { title: { text: "(n-mu)/sqrt(mu)" }, domain: [0, 0.24], zeroline: true, zerolinecolor: "#d62728" },
     legend: { x: 0.99, xanchor: "right", y: 0.99, font: { size: 10 } },
   };
-  return Plotly.react("spectrum", traces, layout, { displaylogo: false, responsive: true });
+  return Plotly.react("spectrum", traces, layout, { displaylogo: false, displayModeBar: false, responsive: true });
 }
 
 function drawLines(element, energy, lines, title, highlightFirst) {
@@ -185,7 +186,7 @@ function drawLines(element, energy, lines, title, highlightFirst) {
     xaxis: { type: "log", title: { text: "energy (keV)" } },
     yaxis: { type: "log", title: { text: "E^2 F(E) / mean (encoder input)" } },
     legend: { font: { size: 9 } },
-  }, { displaylogo: false, responsive: true });
+  }, { displaylogo: false, displayModeBar: false, responsive: true });
 }
 
 function showNeighbours(neighbours, overlay, note) {
