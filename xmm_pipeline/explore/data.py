@@ -97,6 +97,14 @@ def spectrum_payload(dataset: SpectralDataset, expected_counts: np.ndarray, devi
     }
 
 
+def _numpy_backed(frame: pd.DataFrame) -> pd.DataFrame:
+    """Arrow-backed columns (strings read from Parquet) as numpy ones: a click takes a few rows of a
+    table of up to 10^6, and Arrow's take and to_numpy cost milliseconds per column per call."""
+    arrow = [c for c in frame.columns if frame[c].dtype != object and (
+        isinstance(frame[c].dtype, pd.ArrowDtype | pd.StringDtype) or "pyarrow" in str(frame[c].dtype))]
+    return frame.astype({c: object for c in arrow}) if arrow else frame
+
+
 def _one_thread():
     """One torch thread for one spectrum: on a shared machine more threads only wait for each other."""
     from xmm_pipeline.model.train import torch_threads
@@ -114,7 +122,7 @@ class ExplorerData:
             raise UserError(f"{self.layout.embeddings}: no embeddings; run `xmm-pipeline demo` or "
                             "`xmm-pipeline embed` first, or pass --latent")
         manifest = self.layout.read_manifest()
-        self.embeddings = self.layout.read_embeddings().reset_index(drop=True)
+        self.embeddings = _numpy_backed(self.layout.read_embeddings().reset_index(drop=True))
         self.detids = self.embeddings["detid"].to_numpy(np.int64)
         self._row_of = pd.Index(self.detids)
         self.index = self.layout.load_index()

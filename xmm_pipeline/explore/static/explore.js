@@ -193,11 +193,17 @@ function showNeighbours(neighbours, overlay, note) {
   state.neighbours = neighbours;
   table($("neighbours"), neighbours,
     ["rank", "neighbour", "detid", "srcid", "distance", "class", "obs_date", "counts"], pick);
-  Plotly.restyle("map", { x: [neighbours.map((r) => r.map_x)], y: [neighbours.map((r) => r.map_y)],
-    customdata: [neighbours.map((r) => r.row)], text: [neighbours.map((r) => r.neighbour)] },
-  [MAP.neighbours]);
-  if (overlay) drawLines("overlay", overlay.energy_kev, overlay.lines, "Query and neighbours: scaled unfolded spectra", true);
   $("spectrum-note").textContent = note || "";
+  if (overlay) return drawLines("overlay", overlay.energy_kev, overlay.lines, "Query and neighbours: scaled unfolded spectra", true);
+  return Promise.resolve();
+}
+
+function markOnMap(picked, neighbours) {
+  Plotly.restyle("map", {
+    x: [picked ? [picked.map_x] : [], neighbours.map((r) => r.map_x)],
+    y: [picked ? [picked.map_y] : [], neighbours.map((r) => r.map_y)],
+    customdata: [[], neighbours.map((r) => r.row)], text: [[], neighbours.map((r) => r.neighbour)],
+  }, [MAP.picked, MAP.neighbours]);
 }
 
 function showCatalogue(record) {
@@ -219,14 +225,15 @@ async function pick(row, fromSearch) {
   title.dataset.detid = String(c.detid);
   title.dataset.row = String(row);
   showCatalogue(c);
-  Plotly.restyle("map", { x: [[c.map_x]], y: [[c.map_y]] }, [MAP.picked]);
   if (!fromSearch) showMatches([], detail.n_source_detections > 1 ? c.srcid : null);
   if (detail.spectrum) await drawSpectrum(detail.spectrum);
   else Plotly.purge("spectrum");
-  showNeighbours(detail.neighbours, detail.overlay, detail.spectrum_error);
+  await showNeighbours(detail.neighbours, detail.overlay, detail.spectrum_error);
   $("spectrum").dataset.detid = String(c.detid);
   setSelection([row, ...detail.neighbours.map((r) => r.row)], "picked + neighbours");
   state.timings.last_pick = { server_ms: t1 - t0, total_ms: performance.now() - t0 };
+  // The map (up to 10^6 WebGL points) is redrawn after the panels, so they never wait for it.
+  markOnMap(c, detail.neighbours);
   document.body.dataset.picks = String(Number(document.body.dataset.picks || 0) + 1);
 }
 
@@ -306,6 +313,7 @@ async function upload(event) {
   Plotly.restyle("map", { x: [[answer.map_x]], y: [[answer.map_y]] }, [MAP.user]);
   await drawSpectrum(answer.spectrum);
   showNeighbours(answer.neighbours, answer.overlay, answer.spectrum_error);
+  markOnMap(null, answer.neighbours);
   showCatalogue({ file: answer.name, map_x: answer.map_x, map_y: answer.map_y,
     deviance_per_dof: answer.deviance_per_dof, deviance_percentile: answer.deviance_percentile,
     latent: answer.latent.map((v) => v.toPrecision(4)).join(", ") });
