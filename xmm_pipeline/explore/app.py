@@ -8,10 +8,11 @@ with dagster-webserver already; the app is a dozen JSON routes over plain functi
 with no Dash/Bokeh server state to keep in step with a million-point table.
 
 Routes: `/` the page, `/static/*` its script and style, `/vendor/plotly.min.js`; JSON under `/api/`:
-meta, colour (binary float32), points (binary float32 x then y), density, detection, search,
-outliers, trajectory, upload (multipart: spectrum, background, arf, rmf) and export (CSV, FITS,
-VOTable of the selection); `/api/show.png` is `xmm-pipeline show`'s own figure. A mistake the user
-can fix (unknown target, malformed file) answers 400 with {"error": message}.
+meta, colour (binary float32), points (binary float32 x then y), density, detection, search, outliers,
+trajectory (of a srcid, or of a row's source: ids above 2^53 do not survive JavaScript), upload
+(multipart: spectrum, background, arf, rmf) and export (CSV, FITS, VOTable of the selection);
+`/api/show.png` is `xmm-pipeline show`'s own figure. A mistake the user can fix (unknown target,
+malformed file) answers 400 with {"error": message}.
 """
 
 from __future__ import annotations
@@ -120,6 +121,8 @@ def create_app(data: ExplorerData) -> Starlette:
         return Json({"outliers": data.outlier_list(_int(request, "n", 100))})
 
     def trajectory(request: Request) -> Response:
+        if "row" in request.query_params:
+            return Json(data.trajectory(int(data.embeddings["srcid"].iloc[data.row(_int(request, "row"))])))
         return Json(data.trajectory(_int(request, "srcid")))
 
     def show_png(request: Request) -> Response:

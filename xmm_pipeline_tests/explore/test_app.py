@@ -76,6 +76,8 @@ def test_api_answers_and_mistakes(explorer_url: str, explorer_data) -> None:
     status, body, _ = _get(f"{explorer_url}/api/detection?row={matches[0]['row']}&k=3")
     detail = json.loads(body)
     assert detail["catalogue"]["detid"] == matches[0]["detid"] and len(detail["neighbours"]) == 3
+    status, body, _ = _get(f"{explorer_url}/api/trajectory?row={matches[-1]['row']}")
+    assert status == 200 and json.loads(body)["rows"] == [m["row"] for m in matches]
     status, body, _ = _get(f"{explorer_url}/api/show.png?row={matches[0]['row']}")
     assert status == 200 and body[:4] == b"\x89PNG"
     for path, message in (("/api/search?q=Sgr%20A*", "neither an IAU name"),

@@ -102,6 +102,16 @@ def test_search_pick_click_and_export_in_chromium(browser, explorer_url: str, ex
     assert shown == expected
     assert driver.execute_script("return document.getElementById('overlay').data.length") == 11
 
+    # The source's trajectory: its detections in time order on the map, and a spectrum per epoch.
+    path = data.trajectory(first["srcid"])
+    driver.find_element("id", "trajectory-button").click()
+    _wait(lambda: driver.execute_script("const t = document.getElementById('trajectory-spectra').data;"
+                                        "return t && t.length"), what="the spectra per epoch")
+    drawn = driver.execute_script("const t = document.getElementById('map').data[4];"
+                                  "return {rows: Array.from(t.customdata), n: t.x.length,"
+                                  " epochs: document.getElementById('trajectory-spectra').data.length};")
+    assert drawn == {"rows": path["rows"], "n": len(path["rows"]), "epochs": len(path["rows"])}
+
     # Click a point: the most isolated detection on the map, so the cursor can hit nothing else.
     gaps = np.linalg.norm(data.xy[:, None, :] - data.xy[None, :, :], axis=2)
     np.fill_diagonal(gaps, np.inf)

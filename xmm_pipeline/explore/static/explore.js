@@ -225,7 +225,7 @@ async function pick(row, fromSearch) {
   title.dataset.detid = String(c.detid);
   title.dataset.row = String(row);
   showCatalogue(c);
-  if (!fromSearch) showMatches([], detail.n_source_detections > 1 ? c.srcid : null);
+  if (!fromSearch) showMatches([], detail.n_source_detections > 1 ? row : null);
   if (detail.spectrum) await drawSpectrum(detail.spectrum);
   else Plotly.purge("spectrum");
   await showNeighbours(detail.neighbours, detail.overlay, detail.spectrum_error);
@@ -237,7 +237,7 @@ async function pick(row, fromSearch) {
   document.body.dataset.picks = String(Number(document.body.dataset.picks || 0) + 1);
 }
 
-function showMatches(matches, srcid) {
+function showMatches(matches, sourceRow) {
   const box = $("matches");
   box.innerHTML = "";
   if (matches.length > 1) {
@@ -249,11 +249,11 @@ function showMatches(matches, srcid) {
       box.appendChild(button);
     }
   }
-  if (srcid !== null) {
+  if (sourceRow !== null) {
     const button = document.createElement("button");
     button.id = "trajectory-button";
     button.textContent = "Show trajectory";
-    button.addEventListener("click", () => trajectory(srcid));
+    button.addEventListener("click", () => trajectory(sourceRow));
     box.appendChild(button);
   }
 }
@@ -267,12 +267,12 @@ async function search(event) {
   const matches = answer.matches;
   await pick(matches[0].row, true);
   const sameSource = matches.every((m) => m.srcid === matches[0].srcid);
-  showMatches(matches, sameSource && matches.length > 1 ? matches[0].srcid : null);
+  showMatches(matches, sameSource && matches.length > 1 ? matches[0].row : null);
 }
 
-async function trajectory(srcid) {
+async function trajectory(row) {
   let path;
-  try { path = await json(`/api/trajectory?srcid=${srcid}`); } catch (error) { message(error.message); return; }
+  try { path = await json(`/api/trajectory?row=${row}`); } catch (error) { message(error.message); return; }
   const n = path.map_x.length;
   Plotly.restyle("map", { x: [path.map_x], y: [path.map_y], customdata: [path.rows],
     text: [path.obs_date.map((d, i) => `${d} (${path.detids[i]})`)] }, [MAP.trajectory]);
