@@ -16,6 +16,7 @@ import pytest
 from astropy.table import Table
 
 from xmm_pipeline.latent.evaluate import ONE_ES_IAUNAME
+from xmm_pipeline_tests.explore.conftest import archive_product, archive_rmf
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -180,3 +181,24 @@ def test_box_selection_and_outlier_list(browser, explorer_url: str, explorer_dat
     outer = set(np.flatnonzero((x > xa - margin) & (x < xb + margin) & (y > ya - margin) & (y < yb + margin)))
     assert inner and inner <= selected <= outer
     assert f"{len(selected)} detections" in driver.find_element("id", "selection-count").text
+
+
+def test_a_spectrum_file_uploaded_from_the_page(browser, explorer_url: str, explorer_data,
+                                                 sim_archive: Path) -> None:
+    driver, data = browser, explorer_data
+    record = data.embeddings.iloc[len(data.detids) // 4]
+    spectrum = archive_product(sim_archive, record["obs_id"], int(record["src_num"]), "SRSPEC")
+    driver.get(explorer_url + "/")
+    _wait(lambda: driver.execute_script("return document.body.dataset.ready === '1'"), what="the map")
+    driver.find_element("id", "upload-spectrum").send_keys(str(spectrum))
+    rmf = archive_rmf(sim_archive, spectrum)
+    driver.find_element("css selector", "input[name='rmf']").send_keys(str(rmf))
+    for field, kind in (("background", "BGSPEC"), ("arf", "SRCARF")):
+        product = archive_product(sim_archive, record["obs_id"], int(record["src_num"]), kind)
+        driver.find_element("css selector", f"input[name='{field}']").send_keys(str(product))
+    driver.find_element("id", "upload-button").click()
+    _wait(lambda: "placed at" in driver.find_element("id", "detection-title").text, what="the placement")
+    first = driver.find_elements("css selector", "#neighbours tr.pick")[0]
+    assert first.get_attribute("data-detid") == str(record["detid"])
+    assert spectrum.name in driver.find_element("id", "detection-title").text
+    assert driver.execute_script("return document.getElementById('map').data[5].x.length") == 1
