@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("xmm_pipeline.cli.latent", "write docs/EVALUATION.md with figures"),
     "export": ("xmm_pipeline.cli.latent", "the latent catalogue as FITS, VOTable, Parquet, CSV or over SAMP"),
     "download": ("xmm_pipeline.cli.download", "fetch pn spectral products from the XSA"),
+    "explore": ("xmm_pipeline.cli.explore", "browse the latent map in a web browser (127.0.0.1)"),
     "demo": ("xmm_pipeline.cli.demo", "run the whole Dagster pipeline on the embedded default"),
 }
 

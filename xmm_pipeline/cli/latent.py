@@ -18,7 +18,6 @@ EXPORT_SUFFIXES = {".fits": "fits", ".fit": "fits", ".fts": "fits", ".vot": "vot
                    ".xml": "votable", ".parquet": "parquet", ".csv": "csv"}
 MJD_COLUMN = re.compile(r"(^|_)mjd(_|$)")
 COUNT_COLUMNS = ("net_counts", "pn_8_cts", "total_counts", "counts")
-IAU_NAME = re.compile(r"^\s*(\d?XMM)\s*J\s*(\d{6}\.\d[+-]\d{6})\s*$", re.IGNORECASE)
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -140,8 +139,16 @@ def _obs_date(mjd):
     return stamps.dt.strftime("%Y-%m-%d").fillna("")
 
 
-def _counts_column(frame) -> str | None:
-    return next((c for c in ("net_counts", "pn_8_cts", "total_counts") if c in frame), None)
+def resolve_target(embeddings, target: str):
+    from xmm_pipeline.latent.query import resolve_target as resolve
+
+    return resolve(embeddings, target)
+
+
+def _neighbour_table(embeddings, classes, latent_index, query_vectors, query_labels, exclude, k: int):
+    from xmm_pipeline.latent.query import neighbour_table
+
+    return neighbour_table(embeddings, classes, latent_index, query_vectors, query_labels, exclude, k)
 
 
 def _embed(args: argparse.Namespace) -> int:
@@ -157,61 +164,6 @@ def _embed(args: argparse.Namespace) -> int:
     for label, path in summary.written.items():
         print(f"  {label:18s} {path}")
     return 0
-
-
-def resolve_target(embeddings, target: str):
-    """Rows of the embeddings table a TARGET names: an IAU name, a detid, or a srcid (in that order)."""
-    from xmm_pipeline.errors import UserError
-
-    text = str(target).strip()
-    match = IAU_NAME.match(text)
-    if match:
-        wanted = f"{match[1].upper()} J{match[2]}"
-        rows = embeddings[embeddings["iauname"].astype(str).str.strip().str.upper() == wanted.upper()]
-        if rows.empty:
-            raise UserError(f"no detection of {wanted} in the embeddings")
-        return rows
-    if not re.fullmatch(r"\d{1,19}", text):
-        raise UserError(f"target {text!r} is neither an IAU name (e.g. '4XMM J192719.5+653354'), "
-                        "a srcid nor a detid")
-    number = int(text)
-    rows = embeddings[embeddings["detid"] == number]
-    if rows.empty:
-        rows = embeddings[embeddings["srcid"] == number]
-    if rows.empty:
-        raise UserError(f"no detection or source with id {number} in the embeddings")
-    return rows
-
-
-def _neighbour_table(embeddings, classes, latent_index, query_vectors, query_labels, exclude, k: int):
-    """Per query: its k nearest detections, leaving out that query's `exclude` detids, as one table."""
-    import numpy as np
-    import pandas as pd
-
-    by_detid = embeddings.set_index("detid")
-    class_of = classes.set_index("detid")["class"] if classes is not None else pd.Series(dtype=str)
-    widest = max((len(e) for e in exclude), default=0)
-    distances, ids = latent_index.search(query_vectors, min(k + widest, latent_index.info.n_vectors))
-    counts = _counts_column(embeddings)
-    parts = []
-    for label, row_distances, row_ids, left_out in zip(query_labels, distances, ids, exclude):
-        keep = (row_ids >= 0) & ~np.isin(row_ids, list(left_out))
-        hit_ids, hit_distances = row_ids[keep][:k], row_distances[keep][:k]
-        hits = by_detid.loc[hit_ids]
-        part = pd.DataFrame({
-            "query": label,
-            "rank": np.arange(1, len(hit_ids) + 1),
-            "neighbour": hits["iauname"].to_numpy() if "iauname" in hits else hit_ids,
-            "detid": hit_ids,
-            "srcid": hits["srcid"].to_numpy(),
-            "distance": hit_distances,
-            "class": class_of.reindex(hit_ids).fillna("unknown").to_numpy(),
-            "obs_date": _obs_date(hits["mjd"].to_numpy()).to_numpy(),
-        })
-        if counts:
-            part["counts"] = hits[counts].round().astype("Int64").to_numpy()
-        parts.append(part)
-    return pd.concat(parts, ignore_index=True)
 
 
 def _similar(args: argparse.Namespace) -> int:
