@@ -11,6 +11,7 @@ the last embedding and skips with a reason otherwise.
 """
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 import pandas as pd
@@ -18,10 +19,13 @@ from dagster import (
     AssetKey,
     AssetObservation,
     AssetSelection,
+    DagsterError,
     DagsterInstance,
     DagsterRunStatus,
     DefaultScheduleStatus,
     DefaultSensorStatus,
+    Executor,
+    ExecutorDefinition,
     RunRequest,
     RunsFilter,
     ScheduleEvaluationContext,
@@ -29,6 +33,7 @@ from dagster import (
     SensorResult,
     SkipReason,
     define_asset_job,
+    multi_or_in_process_executor,
     schedule,
     sensor,
 )
@@ -55,13 +60,68 @@ from xmm_pipeline.orchestration.resources import ArchiveResource, StorageResourc
 
 RANGE_START_TAG = "dagster/asset_partition_range_start"
 RANGE_END_TAG = "dagster/asset_partition_range_end"
+PARTITION_TAG = "dagster/partition"
 RELEASE_TAG = "xmm/release"
 DATA_VERSION_TAG = "dagster/data_version"
+
+
+
+class PartitionRangeRequiredError(DagsterError):
+    """A run of a job over observation partitions was started without a range of observations."""
+
+
+def range_refusal(job_name: str, tags: Mapping[str, str], known: list[str]) -> str | None:
+    """None when the run names its observations, else the one-line reason it cannot run."""
+    if (tags.get(RANGE_START_TAG) and tags.get(RANGE_END_TAG)) or tags.get(PARTITION_TAG):
+        return None
+    span = f"{len(known)} known, {known[0]}...{known[-1]}" if known else "none registered yet"
+    first, last = (known[0], known[-1]) if known else ("FIRST_OBS_ID", "LAST_OBS_ID")
+    example = json.dumps(partition_range_tags(first, last))
+    return (
+        f"job `{job_name}` runs over a range of observation partitions ({span}) and this run names none: "
+        f"pass --tags '{example}', launch it from the UI, or let the release sensor (or `xmm-pipeline demo`) "
+        "request it"
+    )
+
+
+class _RangeCheckingExecutor(Executor):
+    """Refuses a run without observation partitions before any step, in one line, then delegates."""
+
+    def __init__(self, inner: Executor) -> None:
+        self._inner = inner
+
+    @property
+    def retries(self):  # -> RetryMode (not exported by dagster)
+        return self._inner.retries
+
+    @property
+    def step_dependency_config(self):
+        return self._inner.step_dependency_config
+
+    def execute(self, plan_context, execution_plan):
+        run = plan_context.dagster_run
+        known = list(plan_context.instance.get_dynamic_partitions(OBSERVATION_PARTITIONS_NAME))
+        reason = range_refusal(run.job_name, run.tags, known)
+        if reason is not None:
+            raise PartitionRangeRequiredError(reason)
+        yield from self._inner.execute(plan_context, execution_plan)
+
+
+range_checking_executor = ExecutorDefinition(
+    name="range_checking_executor",
+    config_schema=multi_or_in_process_executor.config_schema,
+    requirements=multi_or_in_process_executor.get_requirements,
+    executor_creation_fn=lambda context: _RangeCheckingExecutor(
+        multi_or_in_process_executor.executor_creation_fn(context)
+    ),
+    description="Dagster's default executor (multiprocess or in_process), refusing runs without a range.",
+)
 
 ingest_job = define_asset_job(
     "ingest",
     selection=AssetSelection.assets(detections, selected_detections, pn_spectra),
     tags=INGEST_TAG,
+    executor_def=range_checking_executor,
     description="Catalogue to spectra for a range of observations (the release sensor picks the range).",
 )
 retrain_job = define_asset_job(
