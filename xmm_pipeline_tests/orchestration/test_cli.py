@@ -123,3 +123,24 @@ def test_demo_prepares_a_project_local_dagster_home(tmp_path: Path, monkeypatch:
     assert (home / "dagster.yaml").read_text() == (REPO_ROOT / "dagster.yaml").read_text()
     text = summary(tmp_path / "data", home, 61.0, True)
     assert "dagster dev -h 127.0.0.1" in text and str(tmp_path / "data") in text
+
+
+def test_demo_workspace_lets_dagster_dev_run_in_its_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The UI command the demo prints runs in DAGSTER_HOME, on the demo's storage root (any --out)."""
+    import runpy
+
+    from xmm_pipeline.cli.demo import prepare_dagster_home, ui_command, write_ui_workspace
+
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    home = prepare_dagster_home(tmp_path / "dagster_home")
+    data = tmp_path / "elsewhere" / "data"
+    write_ui_workspace(home, data)
+    assert ui_command(home).startswith(f"cd {home} && DAGSTER_HOME={home} ")
+    defs = runpy.run_path(str(home / "definitions.py"))["defs"]
+    assert defs.resources["storage"].root == str(data)
+    env = {**os.environ, "DAGSTER_HOME": str(home), "PYTHONPATH": str(REPO_ROOT)}
+    completed = subprocess.run([str(DAGSTER), "definitions", "validate", "-w", "workspace.yaml"], cwd=home,
+                               env=env, capture_output=True, text=True, timeout=300)
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output[-3000:]
+    assert "will not be used" not in output
