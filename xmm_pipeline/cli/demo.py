@@ -175,7 +175,10 @@ def failure_reason(data) -> str:
 @contextlib.contextmanager
 def log_to_file(path: Path) -> Iterator[logging.Logger]:
     """A logger for the run (everything to `path`, step lines to stdout); Python warnings to `path` too."""
-    handler = logging.FileHandler(path, mode="w", encoding="utf-8")
+    path.write_text("", encoding="utf-8")
+    # append mode: Dagster closes its loggers' handlers when a run's context ends, and a closed "a"
+    # handler reopens on the next record where a "w" one stays closed
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     run_logger = logging.getLogger("xmm_pipeline.demo.run")
     run_logger.setLevel(logging.DEBUG)
