@@ -233,4 +233,5 @@ def try_it(latent: Path) -> list[str]:
         "Try it:",
         f"  .venv/bin/xmm-pipeline outliers -n 20 --latent {latent}",
         f"  .venv/bin/xmm-pipeline similar {detid} -k 10 --latent {latent}",
+        f"  .venv/bin/xmm-pipeline show {detid} --plot show_{detid}.png --latent {latent}",
     ]
