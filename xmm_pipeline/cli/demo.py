@@ -60,7 +60,13 @@ def prepare_dagster_home(home: Path) -> Path:
 
 UI_DEFINITIONS = '''"""Written by `xmm-pipeline demo`: the Definitions on the demo's storage root."""
 
-from xmm_pipeline.definitions import build_definitions
+import warnings
+
+from dagster import BetaWarning
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", BetaWarning)  # backfill_policy, observable_source_asset
+    from xmm_pipeline.definitions import build_definitions
 
 defs = build_definitions({root!r})
 '''

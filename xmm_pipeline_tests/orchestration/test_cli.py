@@ -143,4 +143,4 @@ def test_demo_workspace_lets_dagster_dev_run_in_its_home(tmp_path: Path, monkeyp
                                env=env, capture_output=True, text=True, timeout=300)
     output = completed.stdout + completed.stderr
     assert completed.returncode == 0, output[-3000:]
-    assert "will not be used" not in output
+    assert "will not be used" not in output and "BetaWarning" not in output
