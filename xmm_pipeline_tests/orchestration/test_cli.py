@@ -22,11 +22,14 @@ pytestmark = pytest.mark.slow
 DAGSTER = Path(sys.executable).parent / "dagster"
 
 
+IN_PROCESS = REPO_ROOT / "run_config_in_process.yaml"
+
+
 def run_config(data: Path) -> dict:
     """Resources below a copied pipeline folder; steps in one process (each step in its own process
-    would re-import torch per step, slow on a 2-core machine)."""
+    would re-import torch per step, slow on a 2-core machine): the README's run_config_in_process.yaml."""
     return {
-        "execution": {"config": {"in_process": {}}},
+        **yaml.safe_load(IN_PROCESS.read_text()),
         "resources": {
             "storage": {"config": {"root": str(data)}},
             "archive": {
