@@ -65,7 +65,6 @@ RELEASE_TAG = "xmm/release"
 DATA_VERSION_TAG = "dagster/data_version"
 
 
-
 class PartitionRangeRequiredError(DagsterError):
     """A run of a job over observation partitions was started without a range of observations."""
 
@@ -107,21 +106,22 @@ class _RangeCheckingExecutor(Executor):
         yield from self._inner.execute(plan_context, execution_plan)
 
 
-range_checking_executor = ExecutorDefinition(
-    name="range_checking_executor",
-    config_schema=multi_or_in_process_executor.config_schema,
-    requirements=multi_or_in_process_executor.get_requirements,
-    executor_creation_fn=lambda context: _RangeCheckingExecutor(
-        multi_or_in_process_executor.executor_creation_fn(context)
-    ),
-    description="Dagster's default executor (multiprocess or in_process), refusing runs without a range.",
-)
+def range_checked(inner: ExecutorDefinition) -> ExecutorDefinition:
+    """`inner` (same config, same engines) refusing runs that name no observations before any step."""
+    return ExecutorDefinition(
+        name=f"{inner.name}_range_checked",
+        config_schema=inner.config_schema,
+        requirements=inner.get_requirements,
+        executor_creation_fn=lambda context: _RangeCheckingExecutor(inner.executor_creation_fn(context)),
+        description=f"{inner.description or inner.name}; refuses runs without a range of observations.",
+    )
+
 
 ingest_job = define_asset_job(
     "ingest",
     selection=AssetSelection.assets(detections, selected_detections, pn_spectra),
     tags=INGEST_TAG,
-    executor_def=range_checking_executor,
+    executor_def=range_checked(multi_or_in_process_executor),
     description="Catalogue to spectra for a range of observations (the release sensor picks the range).",
 )
 retrain_job = define_asset_job(
