@@ -152,9 +152,11 @@ def _neighbour_table(embeddings, classes, latent_index, query_vectors, query_lab
 
 
 def _embed(args: argparse.Namespace) -> int:
+    from xmm_pipeline.cli.paths import writable_folder
     from xmm_pipeline.latent.build import embed_and_build
     from xmm_pipeline.progress import Progress
 
+    writable_folder(args.out, "--out")
     with Progress("embed", "spectra") as progress:
         summary = embed_and_build(args.spectra, args.model, args.out, archive_dir=args.archive,
                                   tap_url=args.simbad_url, radius_arcsec=args.radius, force=args.force,
@@ -254,11 +256,14 @@ def _outliers(args: argparse.Namespace) -> int:
 
 
 def _trajectory(args: argparse.Namespace) -> int:
+    from xmm_pipeline.cli.paths import writable_file
     from xmm_pipeline.errors import UserError
     from xmm_pipeline.latent.build import LatentLayout
     from xmm_pipeline.latent.embed import latent_columns
     from xmm_pipeline.latent.products import plot_trajectories, trajectory_points
 
+    if args.plot:
+        writable_file(args.plot, "--plot")
     layout = LatentLayout(Path(args.latent))
     embeddings = layout.read_embeddings()
     srcids = resolve_target(embeddings, args.srcid)["srcid"].unique()
@@ -278,12 +283,14 @@ def _trajectory(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
+    from xmm_pipeline.cli.paths import writable_file
     from xmm_pipeline.errors import UserError
     from xmm_pipeline.latent.build import LatentLayout
     from xmm_pipeline.latent.products import plot_reconstruction
     from xmm_pipeline.model.train import load_artifact
     from xmm_pipeline.spectra.dataset import load_dataset
 
+    writable_file(args.plot, "--plot")
     layout = LatentLayout(Path(args.latent))
     manifest = layout.read_manifest()
     spectra_dir = args.spectra or manifest.get("spectra_dir")

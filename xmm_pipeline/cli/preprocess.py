@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from xmm_pipeline.cli.paths import writable_folder
 from xmm_pipeline.errors import UserError
 
 
@@ -49,10 +50,7 @@ def run(args: argparse.Namespace) -> int:
     config = PreprocessConfig(
         min_counts=args.min_counts, max_sum_flag=args.max_sum_flag, require_point_like=not args.allow_extended
     )
-    try:
-        args.out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"{args.out}: cannot create output folder ({error.strerror})") from None
+    writable_folder(args.out, "--out")
     with Progress("preprocess", "spectra") as progress:
         summary = preprocess_archive(
             args.archive, args.out, config, progress=progress, responses_dir=args.responses

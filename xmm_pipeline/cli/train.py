@@ -93,6 +93,7 @@ def epoch_printer(progress: Callable[[int, int], None], max_epochs: int, first: 
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from xmm_pipeline.cli.paths import writable_folder
     from xmm_pipeline.errors import UserError
     from xmm_pipeline.model.train import TrainConfig, pick_device, train_model
     from xmm_pipeline.model.vae import VAE, VAEConfig, count_parameters
@@ -105,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--{option.replace('_', '-')} must be >= 1, got {value}")
     if args.lr is not None and not args.lr > 0:
         raise UserError(f"--lr must be > 0, got {args.lr}")
+    writable_folder(args.out, "--out")
     device = pick_device(args.device)
     dataset = load_dataset(args.spectra)
     model_config = VAEConfig(n_bins=dataset.grid.n_bins, e_min_kev=dataset.grid.e_min_kev,

@@ -11,9 +11,10 @@
     <latent>/map_density.png, map_classes.png   the latent maps
     <latent>/manifest.json             inputs fingerprint, model version, where the inputs were
 
-The Dagster assets write the same files under storage root/latent. The manifest is written last: a
-run with the same inputs (same spectra files, model version, class source and PRODUCTS_VERSION) finds
-it and does no work; a crashed run leaves no manifest and is redone.
+The Dagster assets write the same files under storage root/latent; `latent_embeddings` writes the
+manifest too, with the inputs' folders and no fingerprint. The manifest is written last: a run with the
+same inputs (same spectra files, model version, class source and PRODUCTS_VERSION) finds it and does no
+work; a crashed run leaves no manifest and is redone.
 """
 
 from __future__ import annotations
@@ -192,13 +193,32 @@ def embed_and_build(
     write_embeddings(embeddings, layout.embeddings)
     classes = source_classes(embeddings, archive, tap_url, radius_arcsec)
     written = {"embeddings": layout.embeddings, **build_products(embeddings, classes, layout)}
+    write_manifest(layout, spectra_dir, model_dir, archive, artifact.version, len(embeddings), written,
+                   fingerprint)
+    return EmbedSummary(False, len(embeddings), artifact.version, written)
+
+
+def write_manifest(
+    layout: LatentLayout,
+    spectra_dir: str | Path,
+    model_dir: str | Path,
+    archive_dir: str | Path | None,
+    model_version: str,
+    n_detections: int,
+    written: dict[str, Path],
+    fingerprint: str | None = None,
+) -> None:
+    """Record where the latent folder's inputs are (what `show` and `similar --spectrum` read).
+
+    `fingerprint` is the inputs hash that lets a later `embed` skip its work; None (the Dagster path,
+    whose products are separate steps) makes the next `embed` redo everything.
+    """
     write_json_atomic(layout.manifest, {
         "fingerprint": fingerprint,
-        "model_version": artifact.version,
-        "n_detections": len(embeddings),
-        "spectra_dir": str(spectra_dir.resolve()),
+        "model_version": model_version,
+        "n_detections": int(n_detections),
+        "spectra_dir": str(Path(spectra_dir).resolve()),
         "model_dir": str(Path(model_dir).resolve()),
-        "archive_dir": str(archive.resolve()) if archive is not None else None,
+        "archive_dir": str(Path(archive_dir).resolve()) if archive_dir is not None else None,
         "written": {k: str(v) for k, v in written.items()},
     })
-    return EmbedSummary(False, len(embeddings), artifact.version, written)

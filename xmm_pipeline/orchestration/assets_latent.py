@@ -25,17 +25,24 @@ def read_current_embeddings(storage: StorageResource) -> pd.DataFrame:
     code_version=code_version("xmm_pipeline.latent.embed"),
     description="Latent mean, log-variance and reconstruction deviance of every spectrum, current model.",
 )
-def latent_embeddings(storage: StorageResource) -> MaterializeResult:
+def latent_embeddings(storage: StorageResource, archive: ArchiveResource) -> MaterializeResult:
+    """Also writes the latent folder's manifest (spectra and model folders), as `xmm-pipeline embed` does,
+    so that `show` and `similar --spectrum` find their inputs after a Dagster run."""
+    from xmm_pipeline.latent.build import write_manifest
     from xmm_pipeline.latent.embed import embed_dataset, write_embeddings
     from xmm_pipeline.model.train import load_artifact
     from xmm_pipeline.spectra.dataset import load_dataset
 
     artifact = load_artifact(storage.model_dir)
     dataset = load_dataset(storage.spectra_dir)
-    path = storage.latent_layout.embeddings
+    layout = storage.latent_layout
+    path = layout.embeddings
     previous = set(pd.read_parquet(path, columns=["detid"])["detid"]) if path.exists() else set()
     frame = embed_dataset(artifact, dataset)
+    layout.manifest.unlink(missing_ok=True)
     write_embeddings(frame, path)
+    write_manifest(layout, storage.spectra_dir, storage.model_dir, archive.root, artifact.version, len(frame),
+                   {"embeddings": path})
     return MaterializeResult(
         data_version=DataVersion(sha256_json([artifact.version, frame["detid"].tolist()])[:16]),
         metadata={

@@ -1,18 +1,25 @@
-"""Model domain: the VAE with the DeepONet decoder, trained in the `gpu` pool (CPU where none)."""
+"""Model domain: the VAE with the DeepONet decoder, trained in the `gpu` pool (CPU where none).
+
+matplotlib is imported where a figure is drawn, not at load: every step process of a multiprocess run
+loads this module, and matplotlib.figure is the largest import of the whole code location.
+"""
 
 import math
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from dagster import AssetExecutionContext, DataVersion, MaterializeResult, asset
-from matplotlib.figure import Figure
 
 from xmm_pipeline.orchestration.assets_spectra import training_set
 from xmm_pipeline.orchestration.metadata import figure_markdown, path_value, png_markdown
 from xmm_pipeline.orchestration.resources import ComputeResource, ModelSettings, StorageResource
 from xmm_pipeline.orchestration.versions import code_version
 from xmm_pipeline.storage import write_json_atomic
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 GROUP = "model"
 VALIDATION_FILE = "validation.json"
@@ -94,7 +101,9 @@ def validation_summary(dataset, artifact) -> dict[str, float]:
     }
 
 
-def loss_curve_figure(history: list[dict[str, float]]) -> Figure:
+def loss_curve_figure(history: list[dict[str, float]]) -> "Figure":
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(6, 3.6))
     axes = figure.add_subplot(1, 1, 1)
     axes.plot([row["epoch"] for row in history], [row["train_loss"] for row in history], label="train")

@@ -12,6 +12,7 @@ changed since the last embedding and skips with a reason otherwise.
 """
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 import pandas as pd
@@ -19,11 +20,14 @@ from dagster import (
     AssetKey,
     AssetObservation,
     AssetSelection,
+    DagsterError,
     DagsterEventType,
     DagsterInstance,
     DagsterRunStatus,
     DefaultScheduleStatus,
     DefaultSensorStatus,
+    Executor,
+    ExecutorDefinition,
     RunRequest,
     RunsFilter,
     ScheduleEvaluationContext,
@@ -46,6 +50,7 @@ from xmm_pipeline.orchestration.assets_spectra import (
     training_set,
 )
 from xmm_pipeline.orchestration.checks import model_trained_on_current_data
+from xmm_pipeline.orchestration.executors import xmm_executor
 from xmm_pipeline.orchestration.partitions import (
     OBSERVATION_PARTITIONS_NAME,
     contiguous_ranges,
@@ -61,13 +66,69 @@ CATALOGUE_ASSETS = [detections.key, selected_detections.key]
 # The sensor advances a release one stage per tick; idle ticks only fingerprint the release.
 SENSOR_INTERVAL_S = 600
 RANGE_END_TAG = "dagster/asset_partition_range_end"
+PARTITION_TAG = "dagster/partition"
 RELEASE_TAG = "xmm/release"
 DATA_VERSION_TAG = "dagster/data_version"
+
+
+class PartitionRangeRequiredError(DagsterError):
+    """A run of a job over observation partitions was started without a range of observations."""
+
+
+def range_refusal(job_name: str, tags: Mapping[str, str], known: list[str]) -> str | None:
+    """None when the run names its observations, else the one-line reason it cannot run."""
+    if (tags.get(RANGE_START_TAG) and tags.get(RANGE_END_TAG)) or tags.get(PARTITION_TAG):
+        return None
+    span = f"{len(known)} known, {known[0]}...{known[-1]}" if known else "none registered yet"
+    first, last = (known[0], known[-1]) if known else ("FIRST_OBS_ID", "LAST_OBS_ID")
+    example = json.dumps(partition_range_tags(first, last))
+    return (
+        f"job `{job_name}` runs over a range of observation partitions ({span}) and this run names none: "
+        f"pass --tags '{example}', launch it from the UI, or let the release sensor (or `xmm-pipeline demo`) "
+        "request it"
+    )
+
+
+class _RangeCheckingExecutor(Executor):
+    """Refuses a run without observation partitions before any step, in one line, then delegates."""
+
+    def __init__(self, inner: Executor) -> None:
+        self._inner = inner
+
+    @property
+    def retries(self):  # -> RetryMode (not exported by dagster)
+        return self._inner.retries
+
+    @property
+    def step_dependency_config(self):
+        return self._inner.step_dependency_config
+
+    def execute(self, plan_context, execution_plan):
+        run = plan_context.dagster_run
+        partitioned = pn_spectra.key.to_python_identifier() in execution_plan.step_keys_to_execute
+        known = list(plan_context.instance.get_dynamic_partitions(OBSERVATION_PARTITIONS_NAME))
+        reason = range_refusal(run.job_name, run.tags, known) if partitioned else None
+        if reason is not None:  # the catalogue-only run the release sensor requests names no range
+            raise PartitionRangeRequiredError(reason)
+        yield from self._inner.execute(plan_context, execution_plan)
+
+
+def range_checked(inner: ExecutorDefinition) -> ExecutorDefinition:
+    """`inner` (same config, same engines) refusing runs that name no observations before any step."""
+    return ExecutorDefinition(
+        name=f"{inner.name}_range_checked",
+        config_schema=inner.config_schema,
+        requirements=inner.get_requirements,
+        executor_creation_fn=lambda context: _RangeCheckingExecutor(inner.executor_creation_fn(context)),
+        description=f"{inner.description or inner.name}; refuses runs without a range of observations.",
+    )
+
 
 ingest_job = define_asset_job(
     "ingest",
     selection=AssetSelection.assets(detections, selected_detections, pn_spectra),
     tags=INGEST_TAG,
+    executor_def=range_checked(xmm_executor),
     description="Catalogue to spectra for a range of observations (the release sensor picks the range).",
 )
 retrain_job = define_asset_job(

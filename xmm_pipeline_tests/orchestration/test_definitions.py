@@ -1,5 +1,6 @@
 """The Definitions object: every asset, job, check, the sensor, the schedule, and dagster.yaml."""
 
+import json
 from pathlib import Path
 
 import yaml
@@ -123,3 +124,16 @@ def test_project_dagster_yaml_configures_sqlite_queue_limits_and_pools(tmp_path)
         assert {"key": "xmm/stage", "value": "ingest", "limit": 1} in limits
         assert settings.pool_config.default_pool_limit == 1
         assert "sqlite" in type(instance.run_storage).__name__.lower()
+
+
+def test_ingest_names_its_observations_or_is_refused_with_the_range_to_give():
+    from xmm_pipeline.orchestration.automation import ingest_job, partition_range_tags, range_refusal
+
+    known = ["0100000101", "0100000201", "0100000301"]
+    assert range_refusal("ingest", partition_range_tags(known[0], known[1]), known) is None
+    assert range_refusal("ingest", {"dagster/partition": known[2]}, known) is None
+    reason = range_refusal("ingest", {"xmm/stage": "ingest"}, known)
+    assert "\n" not in reason and "3 known, 0100000101...0100000301" in reason
+    assert json.dumps(partition_range_tags(known[0], known[-1])) in reason
+    assert "none registered yet" in range_refusal("ingest", {}, [])
+    assert ingest_job.executor_def.name.endswith("_range_checked")
