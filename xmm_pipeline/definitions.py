@@ -11,7 +11,9 @@ Every resource value can be overridden per run (launchpad or `-c run_config.yaml
 Every job runs with `executors.xmm_executor`: Dagster's multiprocess executor unless the run config
 chooses `in_process` or a Dask cluster (`execution: {config: {dask: {cluster: {existing: {address:
 tcp://scheduler:8786}}}}}`); `build_definitions(executor=...)` binds another (e.g. that one
-`.configured(...)`, for the runs the sensor and the schedule launch).
+`.configured(...)`, for the runs the sensor and the schedule launch). It is wrapped once by
+`automation.range_checked`: a run whose plan holds the partitioned `pn_spectra` and names no
+observations (`dagster job execute -j ingest` or `-j all` without a range) is refused in one line.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def build_definitions(
         jobs=automation.JOBS,
         schedules=automation.SCHEDULES,
         sensors=automation.SENSORS,
-        executor=executor,
+        executor=automation.range_checked(executor),
         resources={
             "storage": storage,
             "archive": archive or ArchiveResource(root=str(Path(storage_root) / "archive")),

@@ -133,9 +133,10 @@ def create_app(data: ExplorerData) -> Starlette:
         spectrum = data.reconstruction(row)
         with tempfile.TemporaryDirectory(prefix="xmm-explore-") as folder:
             path = Path(folder) / "show.png"
-            expected = np.asarray(spectrum["model_per_kev"]) * one.grid.widths_kev
+            model = np.array([np.nan if v is None else v for v in spectrum["model_per_kev"]], dtype=float)
+            expected = np.nan_to_num(model * one.grid.widths_kev, nan=1e-30)
             plot_reconstruction(one.grid.edges_kev, one.counts[0], one.background[0], expected, path,
-                                spectrum["title"])
+                                spectrum["title"], valid=one.valid[0])
             return Response(path.read_bytes(), media_type="image/png")
 
     async def export(request: Request) -> Response:

@@ -34,10 +34,9 @@ from xmm_pipeline.latent.embed import latent_columns, latent_matrix
 from xmm_pipeline.latent.products import CLASS_COLOURS, UNKNOWN_CLASS, MapProjection, trajectory_points
 from xmm_pipeline.latent.query import counts_column, neighbour_table, obs_date, resolve_target
 from xmm_pipeline.spectra.dataset import (
-    ARRAY_COLUMNS,
-    RESPONSES_FILE,
     SPECTRA_SUBDIR,
     SpectralDataset,
+    dataset_from_table,
     read_responses,
 )
 
@@ -77,12 +76,15 @@ def records(frame: pd.DataFrame) -> list[dict[str, Any]]:
 def spectrum_payload(dataset: SpectralDataset, expected_counts: np.ndarray, deviance_per_dof: float,
                      title: str) -> dict[str, Any]:
     """The content of `show`'s figure as arrays: counts, folded model + background and background per
-    keV on the energy grid, and the Poisson residuals (n - mu)/sqrt(mu) of plot_reconstruction."""
+    keV on the energy grid, and the Poisson residuals (n - mu)/sqrt(mu) of plot_reconstruction; masked
+    bins are NaN (null in JSON), as the figure leaves them out."""
     edges_kev = dataset.grid.edges_kev
     widths_kev = np.diff(edges_kev)
     counts = dataset.counts[0].astype(np.float64)
     expected = np.asarray(expected_counts, dtype=np.float64)
     background = dataset.background[0].astype(np.float64)
+    masked = ~dataset.valid[0]  # bins left out of the fit (flagged or unfed channels) are not drawn
+    counts, expected, background = (np.where(masked, np.nan, a) for a in (counts, expected, background))
     return {
         "title": title,
         "deviance_per_dof": float(deviance_per_dof),
@@ -93,7 +95,7 @@ def spectrum_payload(dataset: SpectralDataset, expected_counts: np.ndarray, devi
         "model_per_kev": expected / widths_kev,
         "background_per_kev": background / widths_kev,
         "residuals": (counts - expected) / np.sqrt(np.maximum(expected, 1e-3)),
-        "total_counts": float(counts.sum()),
+        "total_counts": float(np.nansum(counts)),
     }
 
 
@@ -282,25 +284,11 @@ class ExplorerData:
         responses table read once per session and no listing of the whole folder per click."""
         if self._responses is None:
             self._responses = read_responses(self.spectra_dir)
-        grid, rmf_ids, matrices = self._responses
-        position = {rmf_id: i for i, rmf_id in enumerate(rmf_ids)}
         out = {}
         for obs_id in obs_ids:
             path = self.spectra_dir / SPECTRA_SUBDIR / f"{obs_id}.parquet"
-            if not path.is_file():
-                continue
-            table = pq.read_table(path)
-            arrays = {name: np.asarray(table[name].combine_chunks().flatten().to_numpy(zero_copy_only=False),
-                                       dtype=np.float32).reshape(-1, grid.n_bins) for name in ARRAY_COLUMNS}
-            meta = table.drop_columns(list(ARRAY_COLUMNS)).to_pandas()
-            unknown = sorted(set(meta["rmf_id"]) - set(position))
-            if unknown:
-                raise UserError(f"{path}: spectra reference RMFs missing from {RESPONSES_FILE}: {unknown}")
-            out[obs_id] = SpectralDataset(
-                grid=grid, counts=arrays["counts"], background=arrays["background"],
-                area_exposure=arrays["area_exposure_cm2_s"],
-                rmf_index=np.array([position[r] for r in meta["rmf_id"]], dtype=np.int64),
-                rmf_matrices=matrices, rmf_ids=rmf_ids, unfolded=arrays["unfolded"], meta=meta)
+            if path.is_file():
+                out[obs_id] = dataset_from_table(pq.read_table(path), self._responses, path)
         return out
 
     def spectra_of(self, rows: np.ndarray) -> SpectralDataset:
@@ -323,8 +311,9 @@ class ExplorerData:
                 picks.append((dataset, int(match[0])))
         first = picks[0][0]
         take = {name: np.stack([getattr(d, name)[i] for d, i in picks])
-                for name in ("counts", "background", "area_exposure", "rmf_index", "unfolded")}
+                for name in ("counts", "background", "area_exposure", "rmf_index", "unfolded", "valid")}
         return SpectralDataset(grid=first.grid, rmf_matrices=first.rmf_matrices, rmf_ids=first.rmf_ids,
+                               model_grid=first.model_grid,
                                meta=pd.concat([d.meta.iloc[[i]] for d, i in picks], ignore_index=True),
                                **take)
 

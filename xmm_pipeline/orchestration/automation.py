@@ -50,7 +50,6 @@ from xmm_pipeline.orchestration.assets_spectra import (
     training_set,
 )
 from xmm_pipeline.orchestration.checks import model_trained_on_current_data
-from xmm_pipeline.orchestration.executors import xmm_executor
 from xmm_pipeline.orchestration.partitions import (
     OBSERVATION_PARTITIONS_NAME,
     contiguous_ranges,
@@ -128,7 +127,6 @@ ingest_job = define_asset_job(
     "ingest",
     selection=AssetSelection.assets(detections, selected_detections, pn_spectra),
     tags=INGEST_TAG,
-    executor_def=range_checked(xmm_executor),
     description="Catalogue to spectra for a range of observations (the release sensor picks the range).",
 )
 retrain_job = define_asset_job(

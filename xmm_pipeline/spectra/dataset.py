@@ -165,8 +165,7 @@ def spectra_files(spectra_dir: str | Path) -> list[Path]:
 
 def load_dataset(spectra_dir: str | Path, obs_ids: list[str] | None = None) -> SpectralDataset:
     """Read the per-observation Parquet spectra (all, or the named observations) as one dataset."""
-    model_grid, rmf_ids, matrices = read_responses(spectra_dir)
-    grid = model_grid.channel
+    responses = read_responses(spectra_dir)
     files = spectra_files(spectra_dir)
     if obs_ids is not None:
         wanted = set(obs_ids)
@@ -175,12 +174,22 @@ def load_dataset(spectra_dir: str | Path, obs_ids: list[str] | None = None) -> S
         raise UserError(f"{Path(spectra_dir) / SPECTRA_SUBDIR}: no spectra to load")
     table = pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
     table = table.sort_by([("obs_id", "ascending"), ("src_num", "ascending")])
+    return dataset_from_table(table, responses, spectra_dir)
+
+
+def dataset_from_table(
+    table: pa.Table, responses: tuple[ModelGrid, list[str], np.ndarray], where: str | Path
+) -> SpectralDataset:
+    """A spectra table (rows of per-observation files) with the responses table `read_responses` gave,
+    as a dataset; `where` names the folder or file in the one-line errors."""
+    model_grid, rmf_ids, matrices = responses
+    grid = model_grid.channel
     sizes = {name: grid.n_bins for name in CHANNEL_COLUMNS}
     sizes |= {name: model_grid.n_bins for name in MODEL_COLUMNS}
     for name, size in sizes.items():
         stored = table.schema.field(name).type if name in table.column_names else None
         if stored is None or getattr(stored, "list_size", size) != size:
-            raise UserError(f"{spectra_dir}: spectra column {name} is {stored or 'missing'}, the responses' "
+            raise UserError(f"{where}: spectra column {name} is {stored or 'missing'}, the responses' "
                             f"grids need {size} entries; preprocess again")
     arrays = {name: _stack(table[name], size, np.float32) for name, size in sizes.items()}
     valid = (
@@ -191,7 +200,7 @@ def load_dataset(spectra_dir: str | Path, obs_ids: list[str] | None = None) -> S
     position = {rmf_id: i for i, rmf_id in enumerate(rmf_ids)}
     unknown = sorted(set(table["rmf_id"].to_pylist()) - set(position))
     if unknown:
-        raise UserError(f"{spectra_dir}: spectra reference RMFs missing from {RESPONSES_FILE}: {unknown}")
+        raise UserError(f"{where}: spectra reference RMFs missing from {RESPONSES_FILE}: {unknown}")
     meta = table.drop_columns([c for c in ARRAY_COLUMNS if c in table.column_names]).to_pandas()
     return SpectralDataset(
         grid=grid,

@@ -36,11 +36,17 @@ def test_a_detection_shows_what_show_computes(explorer_data: ExplorerData) -> No
     artifact = load_artifact(data.model_dir)
     expected = artifact.reconstruct(one)[0]
     spectrum = detail["spectrum"]
-    widths = one.grid.widths_kev
-    np.testing.assert_allclose(np.array(spectrum["model_per_kev"]) * widths, expected, rtol=1e-5)
-    np.testing.assert_allclose(np.array(spectrum["counts_per_kev"]) * widths, one.counts[0])
-    background = np.array(spectrum["background_per_kev"]) * widths
-    np.testing.assert_allclose(background, one.background[0], rtol=1e-6)
+    widths, valid = one.grid.widths_kev, one.valid[0]
+
+    def drawn(name: str) -> np.ndarray:
+        values = np.array([np.nan if v is None else v for v in spectrum[name]], dtype=float) * widths
+        assert np.isnan(values[~valid]).all()  # masked bins are left out of the figure, as in `show`
+        return values[valid]
+
+    assert (~valid).any()  # the simulated products flag the channels below 0.32 keV, as real ones do
+    np.testing.assert_allclose(drawn("model_per_kev"), expected[valid], rtol=1e-5)
+    np.testing.assert_allclose(drawn("counts_per_kev"), one.counts[0][valid])
+    np.testing.assert_allclose(drawn("background_per_kev"), one.background[0][valid], rtol=1e-6)
     assert spectrum["deviance_per_dof"] == pytest.approx(artifact.deviance_per_dof(one, expected[None])[0])
     assert f"detid {record['detid']}" in spectrum["title"] and "deviance/dof" in spectrum["title"]
     # Neighbours: the CLI's table (other sources only), with their map rows and spectra for the overlay.

@@ -127,7 +127,7 @@ def test_project_dagster_yaml_configures_sqlite_queue_limits_and_pools(tmp_path)
 
 
 def test_ingest_names_its_observations_or_is_refused_with_the_range_to_give():
-    from xmm_pipeline.orchestration.automation import ingest_job, partition_range_tags, range_refusal
+    from xmm_pipeline.orchestration.automation import partition_range_tags, range_refusal
 
     known = ["0100000101", "0100000201", "0100000301"]
     assert range_refusal("ingest", partition_range_tags(known[0], known[1]), known) is None
@@ -136,4 +136,10 @@ def test_ingest_names_its_observations_or_is_refused_with_the_range_to_give():
     assert "\n" not in reason and "3 known, 0100000101...0100000301" in reason
     assert json.dumps(partition_range_tags(known[0], known[-1])) in reason
     assert "none registered yet" in range_refusal("ingest", {}, [])
-    assert ingest_job.executor_def.name.endswith("_range_checked")
+    from xmm_pipeline.definitions import build_definitions
+    from xmm_pipeline.orchestration.executors import xmm_executor
+
+    configured = xmm_executor.configured({"in_process": {}}, name="chosen")
+    defs = build_definitions(executor=configured)
+    for job in ("ingest", "all", "retrain", "reembed"):  # one executor for every job, range-checked
+        assert defs.resolve_job_def(job).executor_def.name == "chosen_range_checked"
