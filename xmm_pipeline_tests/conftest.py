@@ -6,11 +6,20 @@ each stage once. Tests must not modify their contents; copy to tmp_path first.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def skip_unless_ci(reason: str) -> None:
+    """Skip for want of a system package (a user's machine without root); in CI (CI set), where
+    `make test` installs them, fail instead, so a missing install never silently drops the test."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} [CI is set: `make test` should have installed it]")
+    pytest.skip(reason)
 REAL_PN_DIR = REPO_ROOT.parent / "shared" / "data" / "real_pn"
 
 # The session's simulated archive: large enough for every class to appear and for >300-count

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from xmm_pipeline.errors import UserError
 from xmm_pipeline.latent.build import LatentLayout
 from xmm_pipeline.latent.embed import latent_columns, latent_matrix
+from xmm_pipeline.latent.fit_quality import fit_quality
 from xmm_pipeline.latent.products import CLASS_COLOURS, UNKNOWN_CLASS, MapProjection, trajectory_points
 from xmm_pipeline.latent.query import counts_column, neighbour_table, obs_date, resolve_target
 from xmm_pipeline.spectra.dataset import (
@@ -419,12 +420,16 @@ class ExplorerData:
         name = Path(spectrum).name
         table = self.neighbours(mu[0], set(), k, name)
         xy = self.projection(mu)[0]
-        archive_deviance = self.embeddings["deviance_per_dof"].to_numpy(float)
+        if "deviance_per_dof" not in self.embeddings:
+            raise UserError(f"{self.layout.root}: no deviance_per_dof in the embeddings; embed again")
+        quality = fit_quality(deviance, self.embeddings["deviance_per_dof"].to_numpy(float))
         title = f"{name}  {dataset.meta['iauname'].iloc[0]}  deviance/dof {deviance:.2f}"
         out = {
             "name": name, "latent": mu[0], "map_x": float(xy[0]), "map_y": float(xy[1]),
             "deviance_per_dof": deviance,
-            "deviance_percentile": float(np.mean(archive_deviance <= deviance)),
+            "deviance_percentile": 1.0 - quality.share_worse,
+            "fit": quality.line(),
+            "fit_warning": quality.warning(),
             "spectrum": spectrum_payload(dataset, expected, deviance, title),
             "neighbours": records(table.drop(columns="query")),
         }

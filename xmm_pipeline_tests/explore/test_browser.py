@@ -16,6 +16,7 @@ import pytest
 from astropy.table import Table
 
 from xmm_pipeline.latent.evaluate import ONE_ES_IAUNAME
+from xmm_pipeline_tests.conftest import skip_unless_ci
 from xmm_pipeline_tests.explore.conftest import archive_product, archive_rmf
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -28,7 +29,7 @@ FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "-
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
-        pytest.skip(f"headless browser test needs {CHROMIUM} and {CHROMEDRIVER} "
+        skip_unless_ci(f"headless browser test needs {CHROMIUM} and {CHROMEDRIVER} "
                     "(Debian packages chromium, chromium-driver; `make test` installs them)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service

@@ -112,6 +112,7 @@ def test_a_users_spectrum_lands_on_its_own_detection(explorer_data: ExplorerData
     assert placed["map_x"] == pytest.approx(float(data.xy[row, 0]), abs=1e-3)
     assert placed["deviance_per_dof"] == pytest.approx(float(record["deviance_per_dof"]), rel=1e-3)
     assert 0 < placed["deviance_percentile"] <= 1 and len(placed["overlay"]["lines"]) == 5
+    assert placed["fit"].startswith("fit: deviance/dof")  # the line `similar --spectrum` prints
 
 
 def test_a_real_pn_spectrum_is_placed(explorer_data: ExplorerData, real_pn_dir: Path) -> None:

@@ -32,6 +32,7 @@ from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 from xmm_pipeline.orchestration.automation import ReleaseCursor, catalogue_release_sensor
 from xmm_pipeline.orchestration.inprocess import ingest_release, materialise_everything, tick_release_sensor
 from xmm_pipeline.orchestration.partitions import changed_observations, observation_manifest
+from xmm_pipeline_tests.conftest import skip_unless_ci
 from xmm_pipeline_tests.orchestration.conftest import REPO_ROOT, pipeline_definitions
 from xmm_pipeline_tests.orchestration.postgres_server import (
     PostgresServer,
@@ -101,7 +102,7 @@ class TeamRelease:
 def team_release(tmp_path_factory: pytest.TempPathFactory) -> TeamRelease:
     reason = unavailable_reason()
     if reason:
-        pytest.skip(reason)
+        skip_unless_ci(reason)
     root = tmp_path_factory.mktemp("postgres_team")
     home = root / "dagster_home"
     home.mkdir()

@@ -305,7 +305,7 @@ async function upload(event) {
   try {
     answer = await json(`/api/upload?k=${k}`, { method: "POST", body: new FormData($("upload-form")) });
   } catch (error) { message(error.message); return; }
-  message("");
+  message(answer.fit_warning || "");
   $("detection-title").textContent = `${answer.name}: placed at (${answer.map_x.toPrecision(3)}, ` +
     `${answer.map_y.toPrecision(3)}), deviance/dof ${answer.deviance_per_dof.toFixed(2)} ` +
     `(worse than ${(100 * answer.deviance_percentile).toFixed(0)}% of the map)`;
