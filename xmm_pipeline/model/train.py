@@ -213,7 +213,7 @@ def evaluate_loss(model: VAE, data: SpectraTensors, rmf_matrices: torch.Tensor, 
     loss_sum, deviance_sum = 0.0, 0.0
     for start in range(0, len(data), chunk):
         batch = data.take(torch.arange(start, min(start + chunk, len(data)), device=data.counts.device))
-        flux, z_mean, logvar = model(batch.unfolded)
+        flux, z_mean, logvar = model(batch.unfolded, valid=batch.valid)
         expected = expected_counts(flux, batch, rmf_matrices, model.config.norm_iterations)
         loss, _, _ = vae_loss(model.config, batch.counts, expected, z_mean, logvar, batch.valid)
         loss_sum += loss.item() * len(batch)
@@ -478,7 +478,7 @@ class ModelArtifact:
     def encode(self, dataset: SpectralDataset) -> tuple[np.ndarray, np.ndarray]:
         """Latent mean and log-variance [N, latent_dim] of each spectrum."""
         self._check(dataset)
-        parts = [self.model.encode(batch.unfolded) for batch in self._chunks(dataset)]
+        parts = [self.model.encode(batch.unfolded, batch.valid) for batch in self._chunks(dataset)]
         return (np.concatenate([p[0].cpu().numpy() for p in parts]).reshape(-1, self.config.latent_dim),
                 np.concatenate([p[1].cpu().numpy() for p in parts]).reshape(-1, self.config.latent_dim))
 
@@ -487,8 +487,10 @@ class ModelArtifact:
         """Expected counts [N, B] of the decoded latent mean: folded, background added, ML-normalised."""
         self._check(dataset)
         rmf_matrices = float32_tensor(dataset.rmf_matrices, self.device)
-        out = [expected_counts(self.model.decode(self.model.encode(batch.unfolded)[0]), batch, rmf_matrices,
-                               self.config.norm_iterations).cpu().numpy() for batch in self._chunks(dataset)]
+        out = []
+        for batch in self._chunks(dataset):
+            flux = self.model.decode(self.model.encode(batch.unfolded, batch.valid)[0])
+            out.append(expected_counts(flux, batch, rmf_matrices, self.config.norm_iterations).cpu().numpy())
         return np.concatenate(out).reshape(len(dataset), -1)
 
     def deviance_per_dof(self, dataset: SpectralDataset, expected: np.ndarray | None = None) -> np.ndarray:

@@ -153,14 +153,22 @@ class VAE(nn.Module):
         log_centres = np.log(model_grid(config).centres_kev)  # the decoder's M model bins
         self.register_buffer("log_energy", torch.tensor(log_centres, dtype=torch.float32))
 
-    def scale_input(self, unfolded: torch.Tensor) -> torch.Tensor:
+    def scale_input(self, unfolded: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """asinh(x / (mean|x| * softening)): independent of the spectrum's overall scale, log-like for
-        bright bins and linear (so negative net counts stay finite) for the faint ones."""
-        mean_abs = unfolded.abs().mean(dim=-1, keepdim=True).clamp_min(1e-30)
-        return torch.asinh(unfolded / (mean_abs * self.config.input_softening))
+        bright bins and linear (so negative net counts stay finite) for the faint ones. With the validity
+        mask the mean runs over the valid bins and masked bins are 0, so how many bins a spectrum has
+        masked does not rescale the others."""
+        if valid is None:
+            mean_abs = unfolded.abs().mean(dim=-1, keepdim=True)
+        else:
+            weight = valid.to(unfolded.dtype)
+            unfolded = unfolded * weight
+            mean_abs = unfolded.abs().sum(-1, keepdim=True) / weight.sum(-1, keepdim=True).clamp_min(1.0)
+        return torch.asinh(unfolded / (mean_abs.clamp_min(1e-30) * self.config.input_softening))
 
-    def encode(self, unfolded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mu, logvar = self.encoder(self.scale_input(unfolded)).chunk(2, dim=-1)
+    def encode(self, unfolded: torch.Tensor, valid: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = self.encoder(self.scale_input(unfolded, valid)).chunk(2, dim=-1)
         return mu, logvar.clamp(-20.0, 10.0)
 
     def decode(self, z: torch.Tensor, log_energy: torch.Tensor | None = None) -> torch.Tensor:
@@ -171,8 +179,9 @@ class VAE(nn.Module):
         log_mean = torch.logsumexp(log_flux, dim=-1, keepdim=True) - math.log(log_flux.shape[-1])
         return torch.exp(log_flux - log_mean)
 
-    def forward(self, unfolded: torch.Tensor, noise: torch.Tensor | None = None):
-        mu, logvar = self.encode(unfolded)
+    def forward(self, unfolded: torch.Tensor, noise: torch.Tensor | None = None,
+                valid: torch.Tensor | None = None):
+        mu, logvar = self.encode(unfolded, valid)
         z = mu if noise is None else mu + noise * torch.exp(0.5 * logvar)
         return self.decode(z), mu, logvar
 
@@ -282,7 +291,7 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 def poisson_vae_loss(model: VAE, batch: SpectraTensors, rmf_matrices: torch.Tensor,
                      noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, mean weighted Poisson half-deviance per spectrum, mean KL per spectrum); noise None: z = mu."""
-    flux, mu, logvar = model(batch.unfolded, noise)
+    flux, mu, logvar = model(batch.unfolded, noise, batch.valid)
     expected = expected_counts(flux, batch, rmf_matrices, model.config.norm_iterations)
     return vae_loss(model.config, batch.counts, expected, mu, logvar, batch.valid)
 

@@ -201,3 +201,25 @@ def test_tables_without_a_mask_load_all_valid_and_a_wrong_size_is_one_line(tmp_p
     with pytest.raises(UserError, match="need") as error:
         load_dataset(out)
     assert "\n" not in str(error.value)
+
+
+
+def test_the_encoder_scales_its_input_over_the_valid_bins_only() -> None:
+    """The encoder's input scale is the mean over the valid bins: what masked bins hold and how many
+    there are do not rescale the others (a spectrum with an unusual mask lands where its shape says)."""
+    from xmm_pipeline.model.vae import VAE, VAEConfig
+
+    model = VAE(VAEConfig())
+    unfolded = torch.rand(1, 238, generator=torch.Generator().manual_seed(3)) + 0.1
+    valid = torch.ones(1, 238)
+    valid[0, :7] = 0  # the flagged channels below 0.325 keV and the unfed 0.330 keV bin
+    valid[0, 200:] = 0  # e.g. other QUALITY flags at the high end
+    other = unfolded.clone()
+    other[0, 200:] = 50.0  # whatever the masked bins held
+    scaled = model.scale_input(other, valid)
+    kept = valid[0] > 0
+    mean_valid = unfolded[0, kept].abs().mean()
+    expected = torch.asinh(unfolded[0, kept] / (mean_valid * model.config.input_softening))
+    torch.testing.assert_close(scaled[0, kept], expected)
+    assert scaled[0, ~kept].abs().max() == 0
+    torch.testing.assert_close(model.scale_input(unfolded * valid, valid), scaled)
