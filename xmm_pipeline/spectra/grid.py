@@ -23,8 +23,23 @@ MODEL_E_MIN_KEV = 0.2
 MODEL_E_MAX_KEV = 12.0
 
 
+class _BinsFromEdges:
+    """Logarithmic bin centres and widths of a grid that defines `edges_kev`."""
+
+    edges_kev: np.ndarray
+
+    @property
+    def centres_kev(self) -> np.ndarray:
+        edges = self.edges_kev
+        return np.sqrt(edges[:-1] * edges[1:])
+
+    @property
+    def widths_kev(self) -> np.ndarray:
+        return np.diff(self.edges_kev)
+
+
 @dataclass(frozen=True)
-class EnergyGrid:
+class EnergyGrid(_BinsFromEdges):
     e_min_kev: float = 0.3
     e_max_kev: float = 10.0
     n_bins: int = 238
@@ -40,15 +55,6 @@ class EnergyGrid:
     @property
     def edges_kev(self) -> np.ndarray:
         return np.geomspace(self.e_min_kev, self.e_max_kev, self.n_bins + 1)
-
-    @property
-    def centres_kev(self) -> np.ndarray:
-        edges = self.edges_kev
-        return np.sqrt(edges[:-1] * edges[1:])
-
-    @property
-    def widths_kev(self) -> np.ndarray:
-        return np.diff(self.edges_kev)
 
     @property
     def log_step(self) -> float:
@@ -73,7 +79,7 @@ class EnergyGrid:
 
 
 @dataclass(frozen=True)
-class ModelGrid:
+class ModelGrid(_BinsFromEdges):
     """The channel grid plus `bins_below` and `bins_above` bins of the same log step (see module doc)."""
 
     channel: EnergyGrid
@@ -113,15 +119,6 @@ class ModelGrid:
     @property
     def e_max_kev(self) -> float:
         return float(self.edges_kev[-1])
-
-    @property
-    def centres_kev(self) -> np.ndarray:
-        edges = self.edges_kev
-        return np.sqrt(edges[:-1] * edges[1:])
-
-    @property
-    def widths_kev(self) -> np.ndarray:
-        return np.diff(self.edges_kev)
 
     def to_dict(self) -> dict[str, Any]:
         return {"channel": {"e_min_kev": self.channel.e_min_kev, "e_max_kev": self.channel.e_max_kev,
