@@ -19,6 +19,7 @@ from xmm_pipeline.spectra.response import (
     fold_full,
     sum_into_bins,
 )
+from xmm_pipeline_tests.spectra.test_response import absorbed_power_law, blackbody_100ev, integrate
 
 # every real response in ../shared/data/real_pn: (rmf, arf, exposure in s)
 REAL_RESPONSES = {
@@ -30,22 +31,6 @@ REAL_RESPONSES = {
 # A realistic bright detection: 10^5 counts in the 0.3-10 keV channels (the Circinus ULX spectrum here
 # has 48,907); the brighter, the more bins are held to the bar.
 BAND_COUNTS = 1e5
-
-
-def integrate(density, lo_kev: np.ndarray, hi_kev: np.ndarray, order: int = 8) -> np.ndarray:
-    """Photons per bin: Gauss-Legendre integral of a photon density over each [lo, hi]."""
-    x, w = np.polynomial.legendre.leggauss(order)
-    mid, half = 0.5 * (lo_kev + hi_kev), 0.5 * (hi_kev - lo_kev)
-    return (density(mid[:, None] + half[:, None] * x[None, :]) * w[None, :]).sum(axis=1) * half
-
-
-def absorbed_power_law(energy_kev: np.ndarray) -> np.ndarray:
-    """Photon index 1.9 behind N_H = 3e21 cm^-2 (cross-section ~ 2e-22 E^-8/3 cm^2)."""
-    return energy_kev**-1.9 * np.exp(-3e21 * 2.0e-22 * energy_kev ** (-8 / 3))
-
-
-def blackbody_100ev(energy_kev: np.ndarray) -> np.ndarray:
-    return energy_kev**2 / np.expm1(np.minimum(energy_kev / 0.1, 500.0))
 
 
 def blackbody_50ev(energy_kev: np.ndarray) -> np.ndarray:
